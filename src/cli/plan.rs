@@ -1,0 +1,148 @@
+//! `helix plan`: the resolved task tree, rendered where inputs make it possible; runs nothing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use super::{parse_input_args, print_report, EXIT_INVALID, EXIT_OK};
+use crate::engine::context::{template_context, ContextParts};
+use crate::prompt;
+use crate::workflow::{self, units::human_duration, SandboxChoice, TaskKind, Workflow};
+
+pub fn plan(file: &std::path::Path, input_args: &[String]) -> i32 {
+    let wf = match workflow::load(file) {
+        Ok(w) => w,
+        Err(report) => {
+            print_report(&report);
+            return EXIT_INVALID;
+        }
+    };
+    let given = match parse_input_args(file, input_args) {
+        Ok(g) => g,
+        Err(report) => {
+            print_report(&report);
+            return EXIT_INVALID;
+        }
+    };
+    // Missing inputs are shown, not fatal: a plan is for looking before running.
+    let (inputs, missing) = match workflow::resolve_inputs(&wf, &given) {
+        Ok(i) => (i, Vec::new()),
+        Err(report) => {
+            let mut known = serde_json::Map::new();
+            for (k, d) in &wf.inputs {
+                if let Some(v) = d.default.clone() {
+                    known.insert(k.clone(), v);
+                }
+            }
+            for (k, v) in &given {
+                if let Some(d) = wf.inputs.get(k) {
+                    if let Ok(value) = d.ty.from_cli(v) {
+                        known.insert(k.clone(), value);
+                    }
+                }
+            }
+            (known, report.diagnostics.into_iter().map(|d| d.message).collect())
+        }
+    };
+    print_plan(Arc::new(wf), &serde_json::Value::Object(inputs), &missing);
+    EXIT_OK
+}
+
+fn print_plan(wf: Arc<Workflow>, inputs: &serde_json::Value, missing: &[String]) {
+    println!("workflow {} ({})", wf.name, wf.file.display());
+    if let Some(d) = &wf.description {
+        println!("  {d}");
+    }
+    if !wf.inputs.is_empty() {
+        println!("\ninputs:");
+        for (k, d) in &wf.inputs {
+            let value = inputs.get(k).map(|v| v.to_string()).unwrap_or_else(|| "<missing>".into());
+            println!("  {k}: {} = {value}", d.ty.name());
+        }
+    }
+    for m in missing {
+        println!("  ! {m}");
+    }
+    if !wf.secrets.is_empty() {
+        let state: Vec<String> = wf
+            .secrets
+            .iter()
+            .map(|s| format!("{s} ({})", if std::env::var_os(s).is_some() { "set" } else { "NOT SET" }))
+            .collect();
+        println!("\nsecrets needed: {}", state.join(", "));
+    }
+    println!("\nsandbox: {}", sandbox_text(&wf.sandbox));
+    if let Some(s) = &wf.schedule {
+        println!("schedule: {} (overlap {}, catchup {})", s.cron, s.overlap, s.catchup);
+    }
+    let results = Arc::new(RwLock::new(HashMap::new()));
+    let run = serde_json::json!({"id": "<run>", "dir": "<run dir>", "workspace": "<workspace>", "workflow": wf.file.display().to_string(), "name": wf.name});
+    let env = serde_json::json!({});
+    let ctx = template_context(&ContextParts { workflow: &wf, results: &results, inputs, run: &run, env: &env, item: None });
+    let templates = prompt::environment(Some(&wf.dir));
+    let show = |text: &str| prompt::render(&templates, text, &ctx).unwrap_or_else(|_| text.to_string());
+    println!("\ntasks:");
+    for (ix, t) in wf.tasks.iter().enumerate() {
+        let depth = {
+            let mut d = 0;
+            let mut p = t.parent;
+            while let Some(x) = p {
+                d += 1;
+                p = wf.tasks[x].parent;
+            }
+            d
+        };
+        let indent = "  ".repeat(depth + 1);
+        let needs: Vec<&str> = t.needs.iter().map(|&n| wf.tasks[n].id.as_str()).collect();
+        let mut line = format!("{indent}{} [{}]", t.key(), t.kind.name());
+        if !needs.is_empty() {
+            line.push_str(&format!(" needs {}", needs.join(", ")));
+        }
+        println!("{line}");
+        let detail = format!("{indent}    ");
+        match &t.kind {
+            TaskKind::Run { command, .. } => println!("{detail}run: {}", show(command)),
+            TaskKind::Agent { agent, prompt } => println!("{detail}agent {agent}: {}", show(prompt)),
+            TaskKind::Script { source } => println!("{detail}script ({:?}): {}", source.lang, first_line(&source.code)),
+            TaskKind::Tool { tool, with } => println!("{detail}tool {tool} with {with}"),
+            TaskKind::Workflow { path, .. } => println!("{detail}workflow {}", path.display()),
+            TaskKind::Approve { message } => println!("{detail}approve: {}", show(message)),
+            TaskKind::Group => {}
+        }
+        if let Some(w) = &t.when {
+            println!("{detail}when: {w}");
+        }
+        if let Some(f) = &t.for_each {
+            println!("{detail}for_each: {f}{}", t.max_parallel.map(|m| format!(" (max_parallel {m})")).unwrap_or_default());
+        }
+        if t.retry.attempts > 1 {
+            println!("{detail}retry: {} attempts, backoff {}", t.retry.attempts, human_duration(t.retry.backoff));
+        }
+        if let Some(to) = t.timeout {
+            println!("{detail}timeout: {}", human_duration(to));
+        }
+        if t.continue_on_error {
+            println!("{detail}continue_on_error");
+        }
+        if let Some(c) = &t.concurrency {
+            println!("{detail}concurrency: {c}");
+        }
+        if matches!(t.kind, TaskKind::Run { .. }) && t.sandbox != wf.sandbox {
+            println!("{detail}sandbox: {}", sandbox_text(&t.sandbox));
+        }
+        let _ = ix;
+    }
+}
+
+fn first_line(code: &str) -> String {
+    let line = code.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    let more = if code.trim().lines().count() > 1 { " …" } else { "" };
+    format!("{line}{more}")
+}
+
+fn sandbox_text(s: &SandboxChoice) -> String {
+    match s {
+        SandboxChoice::Unset => "none declared".into(),
+        SandboxChoice::Host => "host processes (explicit opt-in)".into(),
+        SandboxChoice::Profile(p) => format!("container {p}"),
+    }
+}

@@ -1,0 +1,818 @@
+//! The executor: drives the state machine on tokio, performs its actions, journals every
+//! transition before showing it, and turns work results into machine events.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value as Json;
+use tokio::sync::mpsc;
+
+use super::context::{script_tasks, template_context, ContextParts, Results, TaskResult};
+use super::state::{Action, Event as MEvent, Machine, NodeId, Outcome, Status};
+use super::work::{perform, Work, WorkError};
+use crate::events::{now_ms, Event, EventSink, NullSink};
+use crate::prompt;
+use crate::store::{Journal, JournalError, NewRun, TaskRecord};
+use crate::workflow::{ErrorClass, OutputParse, TaskKind, Workflow};
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    Succeeded,
+    Failed,
+    /// Ctrl-C or SIGTERM; resumable.
+    Interrupted,
+    /// Paused on a human gate; `helix resume RUN --approve TASK` continues it.
+    AwaitingApproval,
+}
+
+impl RunStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::Interrupted => "interrupted",
+            RunStatus::AwaitingApproval => "awaiting_approval",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub run_id: String,
+    pub status: RunStatus,
+    pub succeeded: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub awaiting: Vec<String>,
+    pub duration: Duration,
+    pub error: Option<String>,
+    /// Outputs of the root tasks (a sub-workflow's output).
+    pub outputs: serde_json::Map<String, Json>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExecOptions {
+    pub home: PathBuf,
+    pub max_parallel: usize,
+    pub approve_all: bool,
+    /// Ask approvals on the terminal.
+    pub interactive: bool,
+    /// Stop on Ctrl-C / SIGTERM (only the top-level run listens).
+    pub handle_signals: bool,
+}
+
+/// A run to start or continue.
+pub struct RunSpec {
+    pub workflow: Arc<Workflow>,
+    pub run_id: String,
+    pub parent: Option<String>,
+    pub inputs: serde_json::Map<String, Json>,
+    /// Succeeded tasks from earlier sessions of this run, by key.
+    pub restored: HashMap<String, TaskRecord>,
+    pub resumed: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("cannot create the run directory {path}: {message}")]
+    RunDir { path: PathBuf, message: String },
+    #[error("secret `{0}` is not set in the environment")]
+    MissingSecret(String),
+}
+
+enum Msg {
+    Done { node: NodeId, attempt: u32, result: Result<Json, WorkError>, logs: Vec<(String, String)> },
+    RetryDue(NodeId),
+}
+
+/// A fresh, sortable, readable run id: `20261126-093512-a3f9`.
+pub fn new_run_id() -> String {
+    let secs = now_ms() / 1000;
+    let (y, mo, d) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    format!("{y:04}{mo:02}{d:02}-{:02}{:02}{:02}-{:04x}", rem / 3600, (rem % 3600) / 60, rem % 60, fastrand::u16(..))
+}
+
+/// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+pub fn run_dir(home: &std::path::Path, run_id: &str) -> PathBuf {
+    home.join("runs").join(run_id)
+}
+
+/// Executes (or continues) a run to its end, journaling every transition.
+pub async fn execute(spec: RunSpec, opts: &ExecOptions, journal: &mut Journal, sink: &mut dyn EventSink) -> Result<RunSummary, EngineError> {
+    let wf = spec.workflow.clone();
+    let dir = run_dir(&opts.home, &spec.run_id);
+    let workspace = dir.join("workspace");
+    std::fs::create_dir_all(&workspace).map_err(|e| EngineError::RunDir { path: workspace.clone(), message: e.to_string() })?;
+    let mut secrets = Vec::new();
+    let mut env = serde_json::Map::new();
+    for name in &wf.secrets {
+        let value = std::env::var(name).map_err(|_| EngineError::MissingSecret(name.clone()))?;
+        secrets.push(value.clone());
+        env.insert(name.clone(), Json::String(value));
+    }
+    for (name, default) in &wf.env {
+        if let Some(v) = std::env::var(name).ok().or_else(|| default.clone()) {
+            env.insert(name.clone(), Json::String(v));
+        }
+    }
+    // Longest first so a secret that contains another is redacted whole.
+    secrets.retain(|s| s.len() >= 4);
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+
+    let inputs_json = Json::Object(spec.inputs.clone());
+    if !spec.resumed {
+        let path = std::fs::canonicalize(&wf.file).unwrap_or_else(|_| wf.file.clone());
+        journal.create_run(&NewRun {
+            id: &spec.run_id,
+            parent: spec.parent.as_deref(),
+            workflow_path: &path.to_string_lossy(),
+            workflow_name: &wf.name,
+            workflow_hash: &wf.hash,
+            inputs: &inputs_json,
+        })?;
+    } else {
+        journal.interrupt_running(&spec.run_id)?;
+        journal.claim_run(&spec.run_id, &wf.hash)?;
+    }
+
+    let results: Results = Arc::new(RwLock::new(HashMap::new()));
+    if let Ok(mut r) = results.write() {
+        for (key, rec) in &spec.restored {
+            r.insert(key.clone(), TaskResult { status: "succeeded".into(), output: rec.output.clone(), error: None, attempts: rec.attempt });
+        }
+    }
+    let run_json = serde_json::json!({
+        "id": spec.run_id,
+        "dir": dir.display().to_string(),
+        "workspace": workspace.display().to_string(),
+        "workflow": wf.file.display().to_string(),
+        "name": wf.name,
+    });
+    let restored_keys: HashSet<String> = spec.restored.keys().cloned().collect();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut ex = Executor {
+        wf: wf.clone(),
+        run_id: spec.run_id.clone(),
+        opts: opts.clone(),
+        journal,
+        sink,
+        results,
+        inputs: inputs_json,
+        run: run_json,
+        env: Json::Object(env),
+        secrets,
+        workspace,
+        templates: prompt::environment(Some(&wf.dir)),
+        tx,
+        running: HashMap::new(),
+        started: HashMap::new(),
+        failure: None,
+        restored: restored_keys.clone(),
+    };
+    let mut machine = Machine::new(&wf, opts.max_parallel, restored_keys);
+    ex.run_loop(&mut machine, rx, spec.resumed).await
+}
+
+struct Executor<'a> {
+    wf: Arc<Workflow>,
+    run_id: String,
+    opts: ExecOptions,
+    journal: &'a mut Journal,
+    sink: &'a mut dyn EventSink,
+    results: Results,
+    inputs: Json,
+    run: Json,
+    env: Json,
+    secrets: Vec<String>,
+    workspace: PathBuf,
+    templates: minijinja::Environment<'static>,
+    tx: mpsc::UnboundedSender<Msg>,
+    running: HashMap<NodeId, tokio::task::AbortHandle>,
+    started: HashMap<NodeId, Instant>,
+    failure: Option<String>,
+    restored: HashSet<String>,
+}
+
+impl Executor<'_> {
+    async fn run_loop(&mut self, m: &mut Machine<'_>, mut rx: mpsc::UnboundedReceiver<Msg>, resumed: bool) -> Result<RunSummary, EngineError> {
+        let t0 = Instant::now();
+        self.record(Event::RunStarted {
+            run: self.run_id.clone(),
+            ts: now_ms(),
+            workflow: self.wf.file.display().to_string(),
+            name: self.wf.name.clone(),
+            resumed,
+            tasks: self.wf.tasks.len(),
+        })?;
+        let mut queue: VecDeque<MEvent> = VecDeque::new();
+        let actions = m.start();
+        self.apply(m, actions, &mut queue)?;
+        let wall = self.wf.budget.wall;
+        let deadline = tokio::time::sleep(wall.unwrap_or(Duration::from_secs(86_400 * 365)));
+        tokio::pin!(deadline);
+        let mut interrupted = false;
+        let mut signals = Signals::new(self.opts.handle_signals);
+        loop {
+            while let Some(ev) = queue.pop_front() {
+                let actions = m.handle(ev);
+                self.apply(m, actions, &mut queue)?;
+            }
+            if m.is_quiescent() {
+                break;
+            }
+            tokio::select! {
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { break };
+                    self.on_message(m, msg, &mut queue)?;
+                }
+                _ = &mut deadline, if wall.is_some() && self.failure.is_none() => {
+                    let limit = wall.map(crate::workflow::units::human_duration).unwrap_or_default();
+                    self.failure = Some(format!("wall-clock budget of {limit} exhausted"));
+                    self.stop_all(m, &mut queue)?;
+                }
+                _ = signals.recv(), if !interrupted => {
+                    interrupted = true;
+                    self.stop_all(m, &mut queue)?;
+                }
+            }
+        }
+        self.finish(m, t0.elapsed(), interrupted)
+    }
+
+    /// Cancels the machine and stops running work; tasks go back to "not done" for resume.
+    fn stop_all(&mut self, m: &mut Machine, queue: &mut VecDeque<MEvent>) -> Result<(), EngineError> {
+        queue.push_back(MEvent::Cancel);
+        // Aborting drops the work future, which kills its processes and stops its scripts.
+        for (_, handle) in self.running.drain() {
+            handle.abort();
+        }
+        for n in 0..m.nodes.len() {
+            if matches!(m.nodes[n].status, Status::Running | Status::RetryWait) {
+                queue.push_back(MEvent::Aborted(n));
+            }
+        }
+        self.journal.interrupt_running(&self.run_id)?;
+        Ok(())
+    }
+
+    fn finish(&mut self, m: &Machine, duration: Duration, interrupted: bool) -> Result<RunSummary, EngineError> {
+        let (mut succeeded, mut failed, mut skipped) = (0, 0, 0);
+        for n in &m.nodes {
+            match n.status {
+                Status::Succeeded if n.is_leaf => succeeded += 1,
+                Status::Failed if n.is_leaf => failed += 1,
+                Status::Skipped => skipped += 1,
+                _ => {}
+            }
+        }
+        let awaiting: Vec<String> = if interrupted { Vec::new() } else { m.awaiting_approval().into_iter().map(|n| m.nodes[n].key.clone()).collect() };
+        let status = if interrupted {
+            RunStatus::Interrupted
+        } else if self.failure.is_some() {
+            RunStatus::Failed
+        } else {
+            match m.outcome() {
+                Outcome::Succeeded => RunStatus::Succeeded,
+                Outcome::Failed => RunStatus::Failed,
+                Outcome::Incomplete if !awaiting.is_empty() => RunStatus::AwaitingApproval,
+                Outcome::Incomplete => RunStatus::Failed,
+            }
+        };
+        let error = match status {
+            RunStatus::Interrupted => Some("interrupted".to_string()),
+            _ => self.failure.clone(),
+        };
+        self.record(Event::RunFinished {
+            run: self.run_id.clone(),
+            ts: now_ms(),
+            status: status.name().into(),
+            duration_ms: duration.as_millis() as u64,
+            succeeded,
+            failed,
+            skipped,
+            error: error.clone(),
+        })?;
+        self.sink.finish();
+        let mut outputs = serde_json::Map::new();
+        if let Ok(results) = self.results.read() {
+            for &r in &self.wf.roots {
+                let id = &self.wf.tasks[r].id;
+                if let Some(out) = results.get(id).and_then(|r| r.output.clone()) {
+                    outputs.insert(id.clone(), out);
+                }
+            }
+        }
+        Ok(RunSummary { run_id: self.run_id.clone(), status, succeeded, failed, skipped, awaiting, duration, error, outputs })
+    }
+
+    /// Journals an event, then shows it.
+    fn record(&mut self, event: Event) -> Result<(), EngineError> {
+        self.journal.record(&event)?;
+        self.sink.emit(&event);
+        Ok(())
+    }
+
+    fn redact(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for s in &self.secrets {
+            if out.contains(s.as_str()) {
+                out = out.replace(s.as_str(), "***");
+            }
+        }
+        out
+    }
+
+    fn redact_json(&self, value: Json) -> Json {
+        if self.secrets.is_empty() {
+            return value;
+        }
+        match value {
+            Json::String(s) => Json::String(self.redact(&s)),
+            Json::Array(items) => Json::Array(items.into_iter().map(|v| self.redact_json(v)).collect()),
+            Json::Object(map) => Json::Object(map.into_iter().map(|(k, v)| (k, self.redact_json(v))).collect()),
+            other => other,
+        }
+    }
+
+    fn context(&self, m: &Machine, n: NodeId) -> minijinja::Value {
+        template_context(&ContextParts {
+            workflow: &self.wf,
+            results: &self.results,
+            inputs: &self.inputs,
+            run: &self.run,
+            env: &self.env,
+            item: m.nodes[n].item.as_ref(),
+        })
+    }
+
+    fn apply(&mut self, m: &mut Machine, actions: Vec<Action>, queue: &mut VecDeque<MEvent>) -> Result<(), EngineError> {
+        for action in actions {
+            match action {
+                Action::Prepare(n) => self.prepare(m, n, queue)?,
+                Action::Launch { node, attempt } => self.launch(m, node, attempt, queue)?,
+                Action::ScheduleRetry { node, next_attempt } => {
+                    let wf = self.wf.clone();
+                    let decl = &wf.tasks[m.nodes[node].decl];
+                    let delay = decl.retry.delay_before(next_attempt, fastrand::f64());
+                    let error = self.results.read().ok().and_then(|r| r.get(&m.nodes[node].key).and_then(|r| r.error.clone())).unwrap_or_default();
+                    self.record(Event::TaskRetrying {
+                        run: self.run_id.clone(),
+                        ts: now_ms(),
+                        task: m.nodes[node].key.clone(),
+                        attempt: next_attempt,
+                        delay_ms: delay.as_millis() as u64,
+                        error,
+                    })?;
+                    let tx = self.tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = tx.send(Msg::RetryDue(node));
+                    });
+                }
+                Action::Settled { node, status, reason } => self.settled(m, node, status, reason)?,
+                Action::Expanded { node, count } => {
+                    self.record(Event::TaskExpanded { run: self.run_id.clone(), ts: now_ms(), task: m.nodes[node].key.clone(), items: count })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn prepare(&mut self, m: &mut Machine, n: NodeId, queue: &mut VecDeque<MEvent>) -> Result<(), EngineError> {
+        self.started.insert(n, Instant::now());
+        let wf = self.wf.clone();
+        let decl = &wf.tasks[m.nodes[n].decl];
+        let ctx = self.context(m, n);
+        if let Some(when) = &decl.when {
+            match prompt::eval_condition(&self.templates, when, &ctx) {
+                Ok(false) => {
+                    queue.push_back(MEvent::PreparedSkip(n));
+                    return Ok(());
+                }
+                Ok(true) => {}
+                Err(e) => {
+                    self.fail_now(m, n, format!("`when` failed: {e}"))?;
+                    queue.push_back(MEvent::PrepareFailed(n));
+                    return Ok(());
+                }
+            }
+        }
+        match &decl.for_each {
+            None => queue.push_back(MEvent::PreparedRun(n)),
+            Some(expr) => match prompt::eval(&self.templates, expr, &ctx) {
+                Ok(Json::Array(items)) => queue.push_back(MEvent::PreparedFanOut(n, items)),
+                Ok(other) => {
+                    let shown: String = other.to_string().chars().take(80).collect();
+                    self.fail_now(m, n, format!("`for_each` must give a list, got {shown}"))?;
+                    queue.push_back(MEvent::PrepareFailed(n));
+                }
+                Err(e) => {
+                    self.fail_now(m, n, format!("`for_each` failed: {e}"))?;
+                    queue.push_back(MEvent::PrepareFailed(n));
+                }
+            },
+        }
+        Ok(())
+    }
+
+    /// Records a failure that happened before any work started (templates, prepare).
+    fn fail_now(&mut self, m: &Machine, n: NodeId, error: String) -> Result<(), EngineError> {
+        let error = self.redact(&error);
+        let key = m.nodes[n].key.clone();
+        if let Ok(mut r) = self.results.write() {
+            r.insert(key.clone(), TaskResult { status: "failed".into(), output: None, error: Some(error.clone()), attempts: m.nodes[n].attempt });
+        }
+        let duration = self.started.get(&n).map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
+        self.record(Event::TaskFinished {
+            run: self.run_id.clone(),
+            ts: now_ms(),
+            task: key,
+            status: "failed".into(),
+            attempt: m.nodes[n].attempt,
+            duration_ms: duration,
+            output: None,
+            error: Some(error),
+            reason: None,
+        })
+    }
+
+    fn settled(&mut self, m: &Machine, n: NodeId, status: Status, reason: Option<String>) -> Result<(), EngineError> {
+        let node = &m.nodes[n];
+        let restored = status == Status::Succeeded && self.restored.contains(&node.key) && node.is_leaf;
+        let output = if status == Status::Succeeded && !node.is_leaf {
+            Some(self.container_output(m, n))
+        } else if restored {
+            self.results.read().ok().and_then(|r| r.get(&node.key).and_then(|r| r.output.clone()))
+        } else {
+            None
+        };
+        let error = (status == Status::Failed).then(|| reason.clone()).flatten();
+        if let Ok(mut r) = self.results.write() {
+            r.insert(node.key.clone(), TaskResult { status: status.name().into(), output: output.clone(), error: error.clone(), attempts: node.attempt });
+        }
+        let event = Event::TaskFinished {
+            run: self.run_id.clone(),
+            ts: now_ms(),
+            task: node.key.clone(),
+            status: status.name().into(),
+            attempt: node.attempt,
+            duration_ms: self.started.get(&n).map(|t| t.elapsed().as_millis() as u64).unwrap_or(0),
+            output,
+            error,
+            reason: if status == Status::Failed { None } else { reason },
+        };
+        if restored {
+            // Already in the journal from the session that ran it: show, don't rewrite.
+            self.sink.emit(&event);
+            Ok(())
+        } else {
+            self.record(event)
+        }
+    }
+
+    /// A group's output maps child keys to outputs; a fan-out's is the list in item order.
+    fn container_output(&self, m: &Machine, n: NodeId) -> Json {
+        let Ok(results) = self.results.read() else { return Json::Null };
+        let node = &m.nodes[n];
+        let output_of = |key: &str| results.get(key).and_then(|r| r.output.clone()).unwrap_or(Json::Null);
+        if matches!(self.wf.tasks[node.decl].kind, TaskKind::Group) {
+            Json::Object(node.children.iter().map(|&c| (self.wf.tasks[m.nodes[c].decl].key().to_string(), output_of(&m.nodes[c].key))).collect())
+        } else {
+            Json::Array(node.children.iter().map(|&c| output_of(&m.nodes[c].key)).collect())
+        }
+    }
+
+    fn launch(&mut self, m: &mut Machine, n: NodeId, attempt: u32, queue: &mut VecDeque<MEvent>) -> Result<(), EngineError> {
+        let wf = self.wf.clone();
+        let decl = &wf.tasks[m.nodes[n].decl];
+        let key = m.nodes[n].key.clone();
+        if attempt == 1 {
+            self.started.insert(n, Instant::now());
+        }
+        if let TaskKind::Approve { message } = &decl.kind {
+            return self.approval(m, n, message.clone(), queue);
+        }
+        self.record(Event::TaskStarted { run: self.run_id.clone(), ts: now_ms(), task: key.clone(), kind: decl.kind.name().into(), attempt })?;
+        let work = match self.build_work(m, n) {
+            Ok(w) => w,
+            Err(e) => {
+                let result = Err(WorkError { class: ErrorClass::Script, message: e });
+                return self.on_message(m, Msg::Done { node: n, attempt, result, logs: Vec::new() }, queue);
+            }
+        };
+        let timeout = decl.timeout;
+        let tx = self.tx.clone();
+        let handle = tokio::spawn(async move {
+            let cancel = Arc::new(AtomicBool::new(false));
+            let _guard = CancelOnDrop(cancel.clone());
+            let fut = perform(work, cancel.clone());
+            let (result, logs) = match timeout {
+                Some(limit) => match tokio::time::timeout(limit, fut).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        cancel.store(true, Ordering::Relaxed);
+                        let message = format!("timed out after {}", crate::workflow::units::human_duration(limit));
+                        (Err(WorkError { class: ErrorClass::Timeout, message }), Vec::new())
+                    }
+                },
+                None => fut.await,
+            };
+            let _ = tx.send(Msg::Done { node: n, attempt, result, logs });
+        });
+        self.running.insert(n, handle.abort_handle());
+        Ok(())
+    }
+
+    fn approval(&mut self, m: &mut Machine, n: NodeId, message: String, queue: &mut VecDeque<MEvent>) -> Result<(), EngineError> {
+        let key = m.nodes[n].key.clone();
+        let ctx = self.context(m, n);
+        let question = match prompt::render(&self.templates, &message, &ctx) {
+            Ok(q) => q,
+            Err(e) => {
+                self.fail_now(m, n, format!("approval message: {e}"))?;
+                queue.push_back(MEvent::Failed(n, ErrorClass::Script));
+                return Ok(());
+            }
+        };
+        let decision = if let Some(d) = self.journal.approval(&self.run_id, &key)? {
+            Some((d, "journal"))
+        } else if self.opts.approve_all {
+            Some((true, "--approve-all"))
+        } else if self.opts.interactive {
+            let mut answer = None;
+            let q = question.clone();
+            self.sink.suspend(&mut || {
+                answer = ask_yes_no(&format!("? {q} [y/N] "));
+            });
+            answer.map(|a| (a, "terminal"))
+        } else {
+            None
+        };
+        match decision {
+            Some((approved, by)) => {
+                self.journal.set_approval(&self.run_id, &key, approved)?;
+                if approved {
+                    let output = serde_json::json!({ "approved": true, "by": by });
+                    self.succeed(m, n, output)?;
+                    queue.push_back(MEvent::Succeeded(n));
+                } else {
+                    self.fail_now(m, n, format!("not approved ({by})"))?;
+                    queue.push_back(MEvent::Failed(n, ErrorClass::Tool));
+                }
+            }
+            None => {
+                self.record(Event::ApprovalRequested { run: self.run_id.clone(), ts: now_ms(), task: key, message: question })?;
+                queue.push_back(MEvent::NeedsApproval(n));
+            }
+        }
+        Ok(())
+    }
+
+    fn build_work(&self, m: &Machine, n: NodeId) -> Result<Work, String> {
+        let decl = &self.wf.tasks[m.nodes[n].decl];
+        let ctx = self.context(m, n);
+        let render = |what: &str, text: &str| prompt::render(&self.templates, text, &ctx).map_err(|e| format!("{what}: {e}"));
+        Ok(match &decl.kind {
+            TaskKind::Run { command, env } => {
+                let command = render("`run`", command)?;
+                let mut vars = Vec::new();
+                for (k, v) in env {
+                    vars.push((k.clone(), render(&format!("env `{k}`"), v)?));
+                }
+                Work::Run { command, env: vars, workdir: self.workspace.clone() }
+            }
+            TaskKind::Script { source } => {
+                let mut globals = serde_json::Map::new();
+                globals.insert("inputs".into(), self.inputs.clone());
+                globals.insert("tasks".into(), script_tasks(&self.wf, &self.results, m.nodes[n].decl));
+                globals.insert("run".into(), self.run.clone());
+                if let Some(item) = &m.nodes[n].item {
+                    globals.insert("item".into(), item.clone());
+                }
+                Work::Script { source: source.clone(), globals, timeout: decl.timeout }
+            }
+            TaskKind::Tool { tool, with } => {
+                let args = prompt::render_json(&self.templates, with, &ctx).map_err(|e| format!("`with`: {e}"))?;
+                let custom = self.wf.tools.get(tool).map(|t| t.script.clone());
+                Work::Tool { name: tool.clone(), args, workspace: self.workspace.clone(), script: custom }
+            }
+            TaskKind::Workflow { path, with } => {
+                let mut inputs = Vec::new();
+                for (k, v) in with {
+                    let value = prompt::render_json(&self.templates, v, &ctx).map_err(|e| format!("`with.{k}`: {e}"))?;
+                    inputs.push((k.clone(), value));
+                }
+                Work::Workflow {
+                    path: path.clone(),
+                    inputs,
+                    run_id: format!("{}.{}", self.run_id, m.nodes[n].key),
+                    parent: self.run_id.clone(),
+                    opts: ExecOptions { handle_signals: false, interactive: false, ..self.opts.clone() },
+                }
+            }
+            TaskKind::Agent { agent, .. } => Work::Agent { agent: agent.clone() },
+            TaskKind::Approve { .. } | TaskKind::Group => return Err("internal: not a leaf task".into()),
+        })
+    }
+
+    fn on_message(&mut self, m: &mut Machine, msg: Msg, queue: &mut VecDeque<MEvent>) -> Result<(), EngineError> {
+        match msg {
+            Msg::RetryDue(n) => queue.push_back(MEvent::RetryDue(n)),
+            Msg::Done { node: n, attempt, result, logs } => {
+                self.running.remove(&n);
+                if m.nodes[n].status != Status::Running || m.nodes[n].attempt != attempt {
+                    return Ok(());
+                }
+                let key = m.nodes[n].key.clone();
+                for (stream, text) in &logs {
+                    let text = self.redact(text);
+                    self.journal.append_log(&self.run_id, &key, attempt, stream, &text)?;
+                }
+                let wf = self.wf.clone();
+                let decl = &wf.tasks[m.nodes[n].decl];
+                let result = result.and_then(|out| shape_output(out, decl.output.as_ref(), matches!(decl.kind, TaskKind::Run { .. })));
+                match result {
+                    Ok(output) => {
+                        self.succeed(m, n, output)?;
+                        queue.push_back(MEvent::Succeeded(n));
+                    }
+                    Err(e) => {
+                        let error = self.redact(&e.message);
+                        if let Ok(mut r) = self.results.write() {
+                            r.insert(key.clone(), TaskResult { status: "failed".into(), output: None, error: Some(error.clone()), attempts: attempt });
+                        }
+                        let actions = m.handle(MEvent::Failed(n, e.class));
+                        if m.nodes[n].status == Status::Failed {
+                            let duration = self.started.get(&n).map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
+                            self.record(Event::TaskFinished {
+                                run: self.run_id.clone(),
+                                ts: now_ms(),
+                                task: key,
+                                status: "failed".into(),
+                                attempt,
+                                duration_ms: duration,
+                                output: None,
+                                error: Some(error),
+                                reason: None,
+                            })?;
+                        }
+                        self.apply(m, actions, queue)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn succeed(&mut self, m: &Machine, n: NodeId, output: Json) -> Result<(), EngineError> {
+        let output = self.redact_json(output);
+        let key = m.nodes[n].key.clone();
+        let attempt = m.nodes[n].attempt;
+        if let Ok(mut r) = self.results.write() {
+            r.insert(key.clone(), TaskResult { status: "succeeded".into(), output: Some(output.clone()), error: None, attempts: attempt });
+        }
+        let duration = self.started.get(&n).map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
+        self.record(Event::TaskFinished {
+            run: self.run_id.clone(),
+            ts: now_ms(),
+            task: key,
+            status: "succeeded".into(),
+            attempt,
+            duration_ms: duration,
+            output: Some(output),
+            error: None,
+            reason: None,
+        })
+    }
+}
+
+/// Applies `output.parse` and `output.schema` to a task's raw output.
+fn shape_output(raw: Json, spec: Option<&crate::workflow::OutputSpec>, is_run: bool) -> Result<Json, WorkError> {
+    let Some(spec) = spec else { return Ok(raw) };
+    let invalid = |message: String| WorkError { class: ErrorClass::Output, message };
+    let value = match (spec.parse, is_run) {
+        (Some(parse), true) => {
+            let stdout = raw.get("stdout").and_then(Json::as_str).unwrap_or_default();
+            match parse {
+                OutputParse::Text => Json::String(stdout.trim_end().to_string()),
+                OutputParse::Lines => Json::Array(stdout.lines().filter(|l| !l.trim().is_empty()).map(|l| Json::String(l.to_string())).collect()),
+                OutputParse::Json => serde_json::from_str(stdout.trim()).map_err(|e| invalid(format!("stdout is not JSON: {e}")))?,
+            }
+        }
+        _ => raw,
+    };
+    if let Some(schema) = &spec.schema {
+        let problems = super::schema_check::check(schema, &value);
+        if !problems.is_empty() {
+            return Err(invalid(format!("output does not match `output.schema`: {}", problems.join("; "))));
+        }
+    }
+    Ok(value)
+}
+
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+fn ask_yes_no(question: &str) -> Option<bool> {
+    use std::io::Write;
+    let mut err = std::io::stderr();
+    let _ = write!(err, "{question}");
+    let _ = err.flush();
+    let mut line = String::new();
+    match std::io::stdin().read_line(&mut line) {
+        Ok(0) | Err(_) => None,
+        Ok(_) => Some(matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes")),
+    }
+}
+
+/// Ctrl-C and SIGTERM, when this run listens for them.
+struct Signals {
+    enabled: bool,
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new(enabled: bool) -> Self {
+        let term = if enabled { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok() } else { None };
+        Signals { enabled, term }
+    }
+
+    async fn recv(&mut self) {
+        if !self.enabled {
+            return std::future::pending().await;
+        }
+        match &mut self.term {
+            Some(term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            None => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+}
+
+/// Runs a sub-workflow as a child run in the same journal; resumes it if it exists.
+pub async fn run_child(path: PathBuf, inputs: Vec<(String, Json)>, run_id: String, parent: String, opts: ExecOptions) -> Result<Json, WorkError> {
+    let fail = |message: String| WorkError { class: ErrorClass::Workflow, message };
+    let wf = crate::workflow::load(&path).map_err(|r| fail(format!("sub-workflow `{}` is invalid:\n{}", path.display(), r.render())))?;
+    let mut given = serde_json::Map::new();
+    for (k, v) in inputs {
+        given.insert(k, v);
+    }
+    for (k, decl) in &wf.inputs {
+        if !given.contains_key(k) {
+            match &decl.default {
+                Some(d) => {
+                    given.insert(k.clone(), d.clone());
+                }
+                None => return Err(fail(format!("sub-workflow input `{k}` is missing"))),
+            }
+        }
+    }
+    let mut journal = Journal::open(&opts.home).map_err(|e| fail(e.to_string()))?;
+    let existing = journal.run(&run_id).map_err(|e| fail(e.to_string()))?;
+    let restored: HashMap<String, TaskRecord> = match &existing {
+        Some(_) => journal
+            .tasks(&run_id)
+            .map_err(|e| fail(e.to_string()))?
+            .into_iter()
+            .filter(|t| t.status == "succeeded")
+            .map(|t| (t.key.clone(), t))
+            .collect(),
+        None => HashMap::new(),
+    };
+    let spec = RunSpec { workflow: Arc::new(wf), run_id: run_id.clone(), parent: Some(parent), inputs: given, restored, resumed: existing.is_some() };
+    let summary = Box::pin(execute(spec, &opts, &mut journal, &mut NullSink)).await.map_err(|e| fail(e.to_string()))?;
+    match summary.status {
+        RunStatus::Succeeded => Ok(Json::Object(summary.outputs)),
+        other => Err(fail(format!("sub-workflow run {run_id} {}{}", other.name(), summary.error.map(|e| format!(": {e}")).unwrap_or_default()))),
+    }
+}

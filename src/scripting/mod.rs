@@ -1,0 +1,292 @@
+//! Scripting: runs `script:` tasks written in Lua 5.4 or Rhai inside a sandbox with an
+//! instruction budget, a memory cap, a deadline and a cancel flag, and returns their result
+//! as JSON.
+//!
+//! Each language lives in its own file with one way in (`check_syntax` and `run`); this file
+//! owns what both share: the source, the limits, the error and the thread a script runs on.
+
+mod lua;
+mod rhai;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{Map, Value as Json};
+
+/// A returned value nested deeper than this is refused rather than followed: a table that
+/// contains itself would otherwise be followed forever.
+const MAX_RESULT_DEPTH: usize = 128;
+
+/// Scripts run on a thread of their own so that the engines' own recursion limits, not the
+/// caller's (often 2 MiB) stack, decide where deep recursion stops. The stack is only
+/// reserved; pages are committed as they are touched.
+const SCRIPT_STACK_BYTES: usize = 64 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lang {
+    Lua,
+    Rhai,
+}
+
+impl Lang {
+    /// The language of a script file, told by its extension (`.lua`, `.rhai`).
+    pub fn from_path(path: &Path) -> Option<Lang> {
+        match path.extension()?.to_str()? {
+            "lua" => Some(Lang::Lua),
+            "rhai" => Some(Lang::Rhai),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ScriptSource {
+    pub lang: Lang,
+    pub code: String,
+    /// Shown in errors: a file path like `scripts/x.lua`, or the workflow file for inline code.
+    pub name: String,
+    /// 1 for files; for inline code, the line of the workflow file where the code starts, so
+    /// that error lines point into that file.
+    pub first_line: u32,
+}
+
+impl ScriptSource {
+    /// The code preceded by `first_line - 1` empty lines, so that every line an engine reports
+    /// (in errors, tracebacks and nested functions alike) is already a line of the file the
+    /// code was written in.
+    fn code_at_first_line(&self) -> String {
+        let mut code = "\n".repeat(self.first_line.saturating_sub(1) as usize);
+        code.push_str(&self.code);
+        code
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Lua VM instructions, or Rhai operations.
+    pub max_instructions: u64,
+    /// Lua heap size. Rhai has no heap accounting: a quarter of this caps its strings.
+    pub memory_bytes: usize,
+    pub deadline: Option<Instant>,
+    /// Set from any thread to stop the script at its next check.
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_instructions: 100_000_000,
+            memory_bytes: 64 << 20,
+            deadline: None,
+            cancel: Arc::default(),
+        }
+    }
+}
+
+impl Limits {
+    /// Why the script must stop now whatever its budget says, if it must.
+    fn interruption(&self) -> Option<ScriptErrorKind> {
+        if self.cancel.load(Ordering::Relaxed) {
+            Some(ScriptErrorKind::Cancelled)
+        } else if self.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            Some(ScriptErrorKind::Timeout)
+        } else {
+            None
+        }
+    }
+
+    /// What to tell the user when a limit of `kind` stopped the script.
+    fn exceeded(&self, kind: ScriptErrorKind) -> String {
+        match kind {
+            ScriptErrorKind::InstructionLimit => {
+                format!("instruction limit of {} exceeded", self.max_instructions)
+            }
+            ScriptErrorKind::MemoryLimit => {
+                format!("memory limit of {} exceeded", ByteSize(self.memory_bytes))
+            }
+            ScriptErrorKind::Timeout => "deadline exceeded: the script ran out of time".into(),
+            ScriptErrorKind::Cancelled => "cancelled".into(),
+            ScriptErrorKind::Syntax | ScriptErrorKind::Runtime | ScriptErrorKind::Value => {
+                format!("{kind:?} limit exceeded")
+            }
+        }
+    }
+}
+
+/// A byte count in the largest binary unit that divides it exactly ("64 MiB", "1000 bytes").
+struct ByteSize(usize);
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let units = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+        match units.iter().find(|(size, _)| self.0 >= *size && self.0 % size == 0) {
+            Some((size, unit)) => write!(f, "{} {unit}", self.0 / size),
+            None => write!(f, "{} bytes", self.0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScriptErrorKind {
+    Syntax,
+    Runtime,
+    InstructionLimit,
+    MemoryLimit,
+    Timeout,
+    Cancelled,
+    /// The result cannot be represented as JSON.
+    Value,
+}
+
+/// `scripts/x.lua:12: attempt to index a nil value`, or without the line when it is unknown.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{name}{}: {message}", .line.map(|line| format!(":{line}")).unwrap_or_default())]
+pub struct ScriptError {
+    pub name: String,
+    pub line: Option<u32>,
+    pub kind: ScriptErrorKind,
+    pub message: String,
+}
+
+impl ScriptError {
+    fn new(
+        src: &ScriptSource,
+        line: Option<u32>,
+        kind: ScriptErrorKind,
+        message: impl Into<String>,
+    ) -> Self {
+        ScriptError {
+            name: src.name.clone(),
+            line,
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Compiles the script without running it (`helix validate`).
+pub fn check_syntax(src: &ScriptSource) -> Result<(), ScriptError> {
+    on_script_thread(src, || match src.lang {
+        Lang::Lua => lua::check_syntax(src),
+        Lang::Rhai => self::rhai::check_syntax(src),
+    })
+}
+
+/// Runs the script with `globals` as global variables and returns what it returns. Blocks
+/// until the script ends or a limit stops it; call it from `spawn_blocking`.
+pub fn run(
+    src: &ScriptSource,
+    globals: &Map<String, Json>,
+    limits: &Limits,
+) -> Result<Json, ScriptError> {
+    on_script_thread(src, || match src.lang {
+        Lang::Lua => lua::run(src, globals, limits),
+        Lang::Rhai => self::rhai::run(src, globals, limits),
+    })
+}
+
+/// Runs `work` on a fresh thread with a large stack; a panic in an engine becomes an error
+/// instead of taking the caller down.
+fn on_script_thread<T: Send>(
+    src: &ScriptSource,
+    work: impl FnOnce() -> Result<T, ScriptError> + Send,
+) -> Result<T, ScriptError> {
+    let runtime_error = |message: String| ScriptError::new(src, None, ScriptErrorKind::Runtime, message);
+    std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new()
+            .name("helix-script".into())
+            .stack_size(SCRIPT_STACK_BYTES)
+            .spawn_scoped(scope, work)
+            .map_err(|e| runtime_error(format!("cannot start a thread for the script: {e}")))?;
+        thread.join().unwrap_or_else(|panic| {
+            let reason = panic
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("unknown cause");
+            Err(runtime_error(format!("the script engine failed: {reason}")))
+        })
+    })
+}
+
+/// Shorthands for the engines' tests.
+#[cfg(test)]
+mod testing {
+    use super::*;
+
+    pub fn source(lang: Lang, name: &str, first_line: u32, code: &str) -> ScriptSource {
+        ScriptSource { lang, code: code.into(), name: name.into(), first_line }
+    }
+
+    pub fn run_with(lang: Lang, code: &str, globals: Json, limits: &Limits) -> Result<Json, ScriptError> {
+        let globals = globals.as_object().cloned().unwrap_or_default();
+        run(&source(lang, "test", 1, code), &globals, limits)
+    }
+
+    /// Runs `code` with no globals under `limits`, expecting it to fail with `kind`.
+    pub fn failure(lang: Lang, code: &str, limits: &Limits, kind: ScriptErrorKind) -> ScriptError {
+        match run_with(lang, code, Json::Null, limits) {
+            Ok(value) => panic!("expected a {kind:?} error, got {value}"),
+            Err(error) => {
+                assert_eq!(error.kind, kind, "{error}");
+                error
+            }
+        }
+    }
+
+    /// Limits that let an endless loop run until the deadline or the cancel flag stops it.
+    pub fn unbounded_instructions() -> Limits {
+        Limits { max_instructions: u64::MAX, ..Limits::default() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn language_is_told_by_extension() {
+        assert_eq!(Lang::from_path(Path::new("scripts/x.lua")), Some(Lang::Lua));
+        assert_eq!(Lang::from_path(Path::new("x.rhai")), Some(Lang::Rhai));
+        assert_eq!(Lang::from_path(Path::new("x.py")), None);
+        assert_eq!(Lang::from_path(Path::new("lua")), None);
+    }
+
+    #[test]
+    fn error_shows_line_only_when_known() {
+        let src = testing::source(Lang::Lua, "scripts/x.lua", 1, "");
+        let with_line = ScriptError::new(&src, Some(12), ScriptErrorKind::Runtime, "boom");
+        assert_eq!(with_line.to_string(), "scripts/x.lua:12: boom");
+        let without = ScriptError::new(&src, None, ScriptErrorKind::Runtime, "boom");
+        assert_eq!(without.to_string(), "scripts/x.lua: boom");
+    }
+
+    #[test]
+    fn limit_messages_name_the_limit() {
+        let limits = Limits::default();
+        assert_eq!(
+            limits.exceeded(ScriptErrorKind::InstructionLimit),
+            "instruction limit of 100000000 exceeded"
+        );
+        assert_eq!(
+            limits.exceeded(ScriptErrorKind::MemoryLimit),
+            "memory limit of 64 MiB exceeded"
+        );
+        assert_eq!(ByteSize(1000).to_string(), "1000 bytes");
+    }
+
+    #[test]
+    fn both_languages_see_the_same_globals_and_return_the_same_json() {
+        let globals = json!({ "inputs": { "files": ["a.rs", "b.rs"], "count": 2 } });
+        for (lang, code) in [
+            (Lang::Lua, "return { n = inputs.count * 2, first = inputs.files[1] }"),
+            (Lang::Rhai, "#{ n: inputs.count * 2, first: inputs.files[0] }"),
+        ] {
+            let value = testing::run_with(lang, code, globals.clone(), &Limits::default());
+            assert_eq!(value.ok(), Some(json!({ "first": "a.rs", "n": 4 })), "{lang:?}");
+        }
+    }
+}
