@@ -177,7 +177,13 @@ mod tests {
     fn codes_are_unique_and_parse_back() {
         for c in Code::ALL {
             assert_eq!(Code::parse(&c.to_string()), Some(*c));
-            assert_eq!(Code::ALL.iter().filter(|o| o.number() == c.number()).count(), 1);
+            assert_eq!(
+                Code::ALL
+                    .iter()
+                    .filter(|o| o.number() == c.number())
+                    .count(),
+                1
+            );
         }
         assert_eq!(Code::parse("hx2"), Some(Code::UnknownKey));
         assert_eq!(Code::parse("HX9999"), None);

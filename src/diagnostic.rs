@@ -99,7 +99,13 @@ impl Diagnostic {
 
 impl std::fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: error[{}]: {}", self.location(), self.code, self.message)
+        write!(
+            f,
+            "{}: error[{}]: {}",
+            self.location(),
+            self.code,
+            self.message
+        )
     }
 }
 
@@ -154,12 +160,7 @@ impl Report {
             out.push('\n');
         }
         let n = self.diagnostics.len();
-        let _ = writeln!(
-            out,
-            "{} error{} found",
-            n,
-            if n == 1 { "" } else { "s" }
-        );
+        let _ = writeln!(out, "{} error{} found", n, if n == 1 { "" } else { "s" });
         out
     }
 }
@@ -173,7 +174,10 @@ impl std::fmt::Display for Report {
 impl std::error::Error for Report {}
 
 /// The closest candidate to `word`, when it is close enough to be a likely typo.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|c| (strsim::damerau_levenshtein(word, c), c))
@@ -188,9 +192,14 @@ mod tests {
 
     #[test]
     fn renders_caret_under_the_column() {
-        let d = Diagnostic::new(Code::UnknownKey, Path::new("w.yaml"), Some(Pos::new(2, 3)), "unknown key `neds`")
-            .with_width(4)
-            .with_help("did you mean `needs`?");
+        let d = Diagnostic::new(
+            Code::UnknownKey,
+            Path::new("w.yaml"),
+            Some(Pos::new(2, 3)),
+            "unknown key `neds`",
+        )
+        .with_width(4)
+        .with_help("did you mean `needs`?");
         let text = d.render(Some("tasks:\n  neds: [a]\n"));
         assert!(text.contains("--> w.yaml:2:3"), "{text}");
         assert!(text.contains("2 |   neds: [a]\n  |   ^^^^"), "{text}");

@@ -5,16 +5,25 @@ use std::path::Path;
 use super::{EXIT_FAILED, EXIT_OK};
 
 const FILES: &[(&str, &str)] = &[
-    ("workflows/hello.yaml", include_str!("../../workflows/hello.yaml")),
+    (
+        "workflows/hello.yaml",
+        include_str!("../../workflows/hello.yaml"),
+    ),
     ("scripts/plan.rhai", include_str!("../../scripts/plan.rhai")),
-    ("prompts/README.md", "Role prompt templates (minijinja) for agents live here.\n"),
+    (
+        "prompts/README.md",
+        "Role prompt templates (minijinja) for agents live here.\n",
+    ),
 ];
 
 pub fn init(dir: &Path) -> i32 {
     for (rel, _) in FILES {
         let path = dir.join(rel);
         if path.exists() {
-            eprintln!("error: {} already exists; not overwriting anything", path.display());
+            eprintln!(
+                "error: {} already exists; not overwriting anything",
+                path.display()
+            );
             return EXIT_FAILED;
         }
     }

@@ -28,7 +28,12 @@ pub const EXIT_WAITING: i32 = 3;
 pub const EXIT_INTERRUPTED: i32 = 130;
 
 #[derive(Parser)]
-#[command(name = "helix", version, about = "Declarative multi-agent workflows", propagate_version = true)]
+#[command(
+    name = "helix",
+    version,
+    about = "Declarative multi-agent workflows",
+    propagate_version = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -117,18 +122,38 @@ pub fn main() -> i32 {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { EXIT_INVALID } else { EXIT_OK };
+            return if e.use_stderr() {
+                EXIT_INVALID
+            } else {
+                EXIT_OK
+            };
         }
     };
     match cli.command {
         Command::Validate { files } => validate(&files),
         Command::Plan { file, inputs } => plan::plan(&file, &inputs),
         Command::Apply { file, inputs, run } => apply(&file, &inputs, &run),
-        Command::Resume { run_id, approve, reject, force, run } => resume(&run_id, &approve, &reject, force, None, &run, false),
-        Command::Retry { run_id, from, force, run } => resume(&run_id, &[], &[], force, from.as_deref(), &run, true),
-        Command::Runs { command } => runs::runs(command.unwrap_or(runs::RunsCommand::List { limit: 20 })),
+        Command::Resume {
+            run_id,
+            approve,
+            reject,
+            force,
+            run,
+        } => resume(&run_id, &approve, &reject, force, None, &run, false),
+        Command::Retry {
+            run_id,
+            from,
+            force,
+            run,
+        } => resume(&run_id, &[], &[], force, from.as_deref(), &run, true),
+        Command::Runs { command } => {
+            runs::runs(command.unwrap_or(runs::RunsCommand::List { limit: 20 }))
+        }
         Command::Schema => {
-            println!("{}", serde_json::to_string_pretty(&workflow::spec::json_schema()).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&workflow::spec::json_schema()).unwrap_or_default()
+            );
             EXIT_OK
         }
         Command::Explain { code } => explain(code.as_deref()),
@@ -179,13 +204,21 @@ fn validate(files: &[PathBuf]) -> i32 {
     }
 }
 
-pub(crate) fn parse_input_args(file: &Path, args: &[String]) -> Result<Vec<(String, String)>, Report> {
+pub(crate) fn parse_input_args(
+    file: &Path,
+    args: &[String],
+) -> Result<Vec<(String, String)>, Report> {
     let mut out = Vec::new();
     let mut report = Report::default();
     for a in args {
         match a.split_once('=') {
             Some((k, v)) if !k.trim().is_empty() => out.push((k.trim().to_string(), v.to_string())),
-            _ => report.push(Diagnostic::new(Code::Input, file, None, format!("input `{a}` must be written `name=value`"))),
+            _ => report.push(Diagnostic::new(
+                Code::Input,
+                file,
+                None,
+                format!("input `{a}` must be written `name=value`"),
+            )),
         }
     }
     if report.is_empty() {
@@ -217,10 +250,13 @@ fn open_journal() -> Result<(Journal, PathBuf), i32> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, i32> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
-        eprintln!("error: cannot start the async runtime: {e}");
-        EXIT_FAILED
-    })
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the async runtime: {e}");
+            EXIT_FAILED
+        })
 }
 
 fn apply(file: &Path, input_args: &[String], args: &RunArgs) -> i32 {
@@ -231,7 +267,9 @@ fn apply(file: &Path, input_args: &[String], args: &RunArgs) -> i32 {
             return EXIT_INVALID;
         }
     };
-    let inputs = match parse_input_args(file, input_args).and_then(|given| workflow::resolve_inputs(&wf, &given)) {
+    let inputs = match parse_input_args(file, input_args)
+        .and_then(|given| workflow::resolve_inputs(&wf, &given))
+    {
         Ok(i) => i,
         Err(report) => {
             print_report(&report);
@@ -242,7 +280,14 @@ fn apply(file: &Path, input_args: &[String], args: &RunArgs) -> i32 {
         Ok(j) => j,
         Err(code) => return code,
     };
-    let spec = RunSpec { workflow: Arc::new(wf), run_id: engine::new_run_id(), parent: None, inputs, restored: HashMap::new(), resumed: false };
+    let spec = RunSpec {
+        workflow: Arc::new(wf),
+        run_id: engine::new_run_id(),
+        parent: None,
+        inputs,
+        restored: HashMap::new(),
+        resumed: false,
+    };
     execute(spec, journal, home, args)
 }
 
@@ -290,23 +335,43 @@ fn print_summary(s: &RunSummary) {
     if s.skipped > 0 {
         parts.push(format!("{} skipped", s.skipped));
     }
-    eprintln!("run {} {} in {}: {}", s.run_id, s.status.name(), human_duration(s.duration), parts.join(", "));
+    eprintln!(
+        "run {} {} in {}: {}",
+        s.run_id,
+        s.status.name(),
+        human_duration(s.duration),
+        parts.join(", ")
+    );
     if let Some(e) = &s.error {
         eprintln!("  {e}");
     }
     match s.status {
         RunStatus::AwaitingApproval => {
             for t in &s.awaiting {
-                eprintln!("  waiting for approval: {t} — `helix resume {} --approve {t}` (or --reject)", s.run_id);
+                eprintln!(
+                    "  waiting for approval: {t} — `helix resume {} --approve {t}` (or --reject)",
+                    s.run_id
+                );
             }
         }
         RunStatus::Interrupted => eprintln!("  continue with `helix resume {}`", s.run_id),
-        RunStatus::Failed => eprintln!("  see `helix runs show {}`; re-run failed work with `helix retry {}`", s.run_id, s.run_id),
+        RunStatus::Failed => eprintln!(
+            "  see `helix runs show {}`; re-run failed work with `helix retry {}`",
+            s.run_id, s.run_id
+        ),
         RunStatus::Succeeded => {}
     }
 }
 
-fn resume(run_ref: &str, approve: &[String], reject: &[String], force: bool, from: Option<&str>, args: &RunArgs, is_retry: bool) -> i32 {
+fn resume(
+    run_ref: &str,
+    approve: &[String],
+    reject: &[String],
+    force: bool,
+    from: Option<&str>,
+    args: &RunArgs,
+    is_retry: bool,
+) -> i32 {
     let (journal, home) = match open_journal() {
         Ok(j) => j,
         Err(code) => return code,
@@ -314,7 +379,11 @@ fn resume(run_ref: &str, approve: &[String], reject: &[String], force: bool, fro
     let run = match journal.find_run(run_ref) {
         Ok(Some(r)) => r,
         Ok(None) => {
-            eprintln!("error[{}]: no run `{run_ref}` in {}", Code::RunNotFound, journal.path().display());
+            eprintln!(
+                "error[{}]: no run `{run_ref}` in {}",
+                Code::RunNotFound,
+                journal.path().display()
+            );
             return EXIT_INVALID;
         }
         Err(e) => {
@@ -322,8 +391,17 @@ fn resume(run_ref: &str, approve: &[String], reject: &[String], force: bool, fro
             return EXIT_INVALID;
         }
     };
-    if run.status == "running" && run.pid.is_some_and(|p| p != i64::from(std::process::id()) && store::pid_alive(p)) {
-        eprintln!("error[{}]: run {} is still being executed by process {}", Code::RunBusy, run.id, run.pid.unwrap_or(0));
+    if run.status == "running"
+        && run
+            .pid
+            .is_some_and(|p| p != i64::from(std::process::id()) && store::pid_alive(p))
+    {
+        eprintln!(
+            "error[{}]: run {} is still being executed by process {}",
+            Code::RunBusy,
+            run.id,
+            run.pid.unwrap_or(0)
+        );
         return EXIT_INVALID;
     }
     if run.status == "succeeded" && from.is_none() {
@@ -356,8 +434,15 @@ fn resume(run_ref: &str, approve: &[String], reject: &[String], force: bool, fro
     };
     for (list, approved) in [(approve, true), (reject, false)] {
         for t in list {
-            if !tasks.iter().any(|r| &r.key == t && r.status == "awaiting_approval") {
-                eprintln!("error[{}]: task `{t}` of run {} is not waiting for approval", Code::InvalidValue, run.id);
+            if !tasks
+                .iter()
+                .any(|r| &r.key == t && r.status == "awaiting_approval")
+            {
+                eprintln!(
+                    "error[{}]: task `{t}` of run {} is not waiting for approval",
+                    Code::InvalidValue,
+                    run.id
+                );
                 return EXIT_INVALID;
             }
             if let Err(e) = journal.set_approval(&run.id, t, approved) {
@@ -366,10 +451,18 @@ fn resume(run_ref: &str, approve: &[String], reject: &[String], force: bool, fro
             }
         }
     }
-    let mut restored: HashMap<String, store::TaskRecord> = tasks.into_iter().filter(|t| t.status == "succeeded").map(|t| (t.key.clone(), t)).collect();
+    let mut restored: HashMap<String, store::TaskRecord> = tasks
+        .into_iter()
+        .filter(|t| t.status == "succeeded")
+        .map(|t| (t.key.clone(), t))
+        .collect();
     if let Some(task) = from {
         let Some(ix) = wf.task_by_id(task) else {
-            eprintln!("error[{}]: run {} has no task `{task}`", Code::UnknownNeed, run.id);
+            eprintln!(
+                "error[{}]: run {} has no task `{task}`",
+                Code::UnknownNeed,
+                run.id
+            );
             return EXIT_INVALID;
         };
         for id in downstream_of(&wf, ix) {
@@ -384,7 +477,14 @@ fn resume(run_ref: &str, approve: &[String], reject: &[String], force: bool, fro
         eprintln!("run {}: nothing failed; nothing to retry", run.id);
         return EXIT_OK;
     }
-    let spec = RunSpec { workflow: Arc::new(wf), run_id: run.id, parent: None, inputs, restored, resumed: true };
+    let spec = RunSpec {
+        workflow: Arc::new(wf),
+        run_id: run.id,
+        parent: None,
+        inputs,
+        restored,
+        resumed: true,
+    };
     execute(spec, journal, home, args)
 }
 

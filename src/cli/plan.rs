@@ -40,7 +40,10 @@ pub fn plan(file: &std::path::Path, input_args: &[String]) -> i32 {
                     }
                 }
             }
-            (known, report.diagnostics.into_iter().map(|d| d.message).collect())
+            (
+                known,
+                report.diagnostics.into_iter().map(|d| d.message).collect(),
+            )
         }
     };
     print_plan(Arc::new(wf), &serde_json::Value::Object(inputs), &missing);
@@ -55,7 +58,10 @@ fn print_plan(wf: Arc<Workflow>, inputs: &serde_json::Value, missing: &[String])
     if !wf.inputs.is_empty() {
         println!("\ninputs:");
         for (k, d) in &wf.inputs {
-            let value = inputs.get(k).map(|v| v.to_string()).unwrap_or_else(|| "<missing>".into());
+            let value = inputs
+                .get(k)
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "<missing>".into());
             println!("  {k}: {} = {value}", d.ty.name());
         }
     }
@@ -66,20 +72,40 @@ fn print_plan(wf: Arc<Workflow>, inputs: &serde_json::Value, missing: &[String])
         let state: Vec<String> = wf
             .secrets
             .iter()
-            .map(|s| format!("{s} ({})", if std::env::var_os(s).is_some() { "set" } else { "NOT SET" }))
+            .map(|s| {
+                format!(
+                    "{s} ({})",
+                    if std::env::var_os(s).is_some() {
+                        "set"
+                    } else {
+                        "NOT SET"
+                    }
+                )
+            })
             .collect();
         println!("\nsecrets needed: {}", state.join(", "));
     }
     println!("\nsandbox: {}", sandbox_text(&wf.sandbox));
     if let Some(s) = &wf.schedule {
-        println!("schedule: {} (overlap {}, catchup {})", s.cron, s.overlap, s.catchup);
+        println!(
+            "schedule: {} (overlap {}, catchup {})",
+            s.cron, s.overlap, s.catchup
+        );
     }
     let results = Arc::new(RwLock::new(HashMap::new()));
     let run = serde_json::json!({"id": "<run>", "dir": "<run dir>", "workspace": "<workspace>", "workflow": wf.file.display().to_string(), "name": wf.name});
     let env = serde_json::json!({});
-    let ctx = template_context(&ContextParts { workflow: &wf, results: &results, inputs, run: &run, env: &env, item: None });
+    let ctx = template_context(&ContextParts {
+        workflow: &wf,
+        results: &results,
+        inputs,
+        run: &run,
+        env: &env,
+        item: None,
+    });
     let templates = prompt::environment(Some(&wf.dir));
-    let show = |text: &str| prompt::render(&templates, text, &ctx).unwrap_or_else(|_| text.to_string());
+    let show =
+        |text: &str| prompt::render(&templates, text, &ctx).unwrap_or_else(|_| text.to_string());
     println!("\ntasks:");
     for (ix, t) in wf.tasks.iter().enumerate() {
         let depth = {
@@ -101,8 +127,14 @@ fn print_plan(wf: Arc<Workflow>, inputs: &serde_json::Value, missing: &[String])
         let detail = format!("{indent}    ");
         match &t.kind {
             TaskKind::Run { command, .. } => println!("{detail}run: {}", show(command)),
-            TaskKind::Agent { agent, prompt } => println!("{detail}agent {agent}: {}", show(prompt)),
-            TaskKind::Script { source } => println!("{detail}script ({:?}): {}", source.lang, first_line(&source.code)),
+            TaskKind::Agent { agent, prompt } => {
+                println!("{detail}agent {agent}: {}", show(prompt))
+            }
+            TaskKind::Script { source } => println!(
+                "{detail}script ({:?}): {}",
+                source.lang,
+                first_line(&source.code)
+            ),
             TaskKind::Tool { tool, with } => println!("{detail}tool {tool} with {with}"),
             TaskKind::Workflow { path, .. } => println!("{detail}workflow {}", path.display()),
             TaskKind::Approve { message } => println!("{detail}approve: {}", show(message)),
@@ -112,10 +144,19 @@ fn print_plan(wf: Arc<Workflow>, inputs: &serde_json::Value, missing: &[String])
             println!("{detail}when: {w}");
         }
         if let Some(f) = &t.for_each {
-            println!("{detail}for_each: {f}{}", t.max_parallel.map(|m| format!(" (max_parallel {m})")).unwrap_or_default());
+            println!(
+                "{detail}for_each: {f}{}",
+                t.max_parallel
+                    .map(|m| format!(" (max_parallel {m})"))
+                    .unwrap_or_default()
+            );
         }
         if t.retry.attempts > 1 {
-            println!("{detail}retry: {} attempts, backoff {}", t.retry.attempts, human_duration(t.retry.backoff));
+            println!(
+                "{detail}retry: {} attempts, backoff {}",
+                t.retry.attempts,
+                human_duration(t.retry.backoff)
+            );
         }
         if let Some(to) = t.timeout {
             println!("{detail}timeout: {}", human_duration(to));
@@ -134,8 +175,16 @@ fn print_plan(wf: Arc<Workflow>, inputs: &serde_json::Value, missing: &[String])
 }
 
 fn first_line(code: &str) -> String {
-    let line = code.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
-    let more = if code.trim().lines().count() > 1 { " …" } else { "" };
+    let line = code
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    let more = if code.trim().lines().count() > 1 {
+        " …"
+    } else {
+        ""
+    };
     format!("{line}{more}")
 }
 

@@ -22,7 +22,10 @@ pub enum RunsCommand {
         events: bool,
     },
     /// stdout/stderr captured from a run's commands.
-    Logs { run_id: String, task: Option<String> },
+    Logs {
+        run_id: String,
+        task: Option<String>,
+    },
     /// Delete old finished runs.
     Prune {
         /// Keep this many of the newest finished runs.
@@ -36,14 +39,21 @@ pub enum RunsCommand {
 
 fn when(ms: u64) -> String {
     let age = crate::events::now_ms().saturating_sub(ms);
-    format!("{} ago", human_duration(std::time::Duration::from_millis(age)))
+    format!(
+        "{} ago",
+        human_duration(std::time::Duration::from_millis(age))
+    )
 }
 
 fn find(journal: &Journal, run_ref: &str) -> Result<RunRecord, i32> {
     match journal.find_run(run_ref) {
         Ok(Some(r)) => Ok(r),
         Ok(None) => {
-            eprintln!("error[{}]: no run `{run_ref}` in {}", Code::RunNotFound, journal.path().display());
+            eprintln!(
+                "error[{}]: no run `{run_ref}` in {}",
+                Code::RunNotFound,
+                journal.path().display()
+            );
             Err(EXIT_INVALID)
         }
         Err(e) => {
@@ -64,7 +74,13 @@ pub fn runs(command: RunsCommand) -> i32 {
                 println!("no runs yet; start one with `helix apply FILE`");
             }
             for r in runs {
-                println!("{:<22} {:<18} {:<24} {}", r.id, r.status, r.workflow_name, when(r.created_ms));
+                println!(
+                    "{:<22} {:<18} {:<24} {}",
+                    r.id,
+                    r.status,
+                    r.workflow_name,
+                    when(r.created_ms)
+                );
             }
         }),
         RunsCommand::Show { run_id, events } => {
@@ -73,9 +89,18 @@ pub fn runs(command: RunsCommand) -> i32 {
                 Err(code) => return code,
             };
             if events {
-                journal.events(&run.id).map(|evs| evs.iter().for_each(|e| println!("{e}")))
+                journal
+                    .events(&run.id)
+                    .map(|evs| evs.iter().for_each(|e| println!("{e}")))
             } else {
-                println!("run       {}\nworkflow  {} ({})\nstatus    {}\nstarted   {}", run.id, run.workflow_name, run.workflow_path, run.status, when(run.created_ms));
+                println!(
+                    "run       {}\nworkflow  {} ({})\nstatus    {}\nstarted   {}",
+                    run.id,
+                    run.workflow_name,
+                    run.workflow_path,
+                    run.status,
+                    when(run.created_ms)
+                );
                 if let Some(e) = &run.error {
                     println!("error     {e}");
                 }
@@ -83,8 +108,14 @@ pub fn runs(command: RunsCommand) -> i32 {
                 journal.tasks(&run.id).map(|tasks| {
                     println!();
                     for t in tasks {
-                        let took = t.duration_ms.map(|d| human_duration(std::time::Duration::from_millis(d))).unwrap_or_default();
-                        println!("{:<32} {:<18} attempt {:<3} {took}", t.key, t.status, t.attempt);
+                        let took = t
+                            .duration_ms
+                            .map(|d| human_duration(std::time::Duration::from_millis(d)))
+                            .unwrap_or_default();
+                        println!(
+                            "{:<32} {:<18} attempt {:<3} {took}",
+                            t.key, t.status, t.attempt
+                        );
                         if let Some(e) = &t.error {
                             println!("    error: {}", e.lines().next().unwrap_or(""));
                         }
@@ -94,7 +125,10 @@ pub fn runs(command: RunsCommand) -> i32 {
                         if let Some(o) = &t.output {
                             let text = o.to_string();
                             let shown: String = text.chars().take(200).collect();
-                            println!("    output: {shown}{}", if shown.len() < text.len() { "…" } else { "" });
+                            println!(
+                                "    output: {shown}{}",
+                                if shown.len() < text.len() { "…" } else { "" }
+                            );
                         }
                     }
                 })
@@ -107,7 +141,11 @@ pub fn runs(command: RunsCommand) -> i32 {
             };
             journal.logs(&run.id, task.as_deref()).map(|logs| {
                 if logs.is_empty() {
-                    eprintln!("no output captured for run {}{}", run.id, task.map(|t| format!(" task {t}")).unwrap_or_default());
+                    eprintln!(
+                        "no output captured for run {}{}",
+                        run.id,
+                        task.map(|t| format!(" task {t}")).unwrap_or_default()
+                    );
                 }
                 for (t, attempt, stream, text) in logs {
                     println!("── {t} (attempt {attempt}, {stream})");
@@ -123,7 +161,9 @@ pub fn runs(command: RunsCommand) -> i32 {
                 eprintln!("error: say what to keep: `--keep N` and/or `--keep-days D`");
                 return EXIT_INVALID;
             }
-            journal.prune(keep, keep_days).map(|n| println!("pruned {n} run{}", if n == 1 { "" } else { "s" }))
+            journal
+                .prune(keep, keep_days)
+                .map(|n| println!("pruned {n} run{}", if n == 1 { "" } else { "s" }))
         }
     };
     match result {

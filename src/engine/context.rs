@@ -45,11 +45,20 @@ impl Object for TasksView {
             .copied()
             .find(|&r| self.workflow.tasks[r].key() == name)
             .or_else(|| self.workflow.task_by_id(name))?;
-        Some(Value::from_object(TaskView { workflow: self.workflow.clone(), results: self.results.clone(), task }))
+        Some(Value::from_object(TaskView {
+            workflow: self.workflow.clone(),
+            results: self.results.clone(),
+            task,
+        }))
     }
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {
-        let keys: Vec<Value> = self.workflow.roots.iter().map(|&r| Value::from(self.workflow.tasks[r].key())).collect();
+        let keys: Vec<Value> = self
+            .workflow
+            .roots
+            .iter()
+            .map(|&r| Value::from(self.workflow.tasks[r].key()))
+            .collect();
         Enumerator::Values(keys)
     }
 }
@@ -61,13 +70,33 @@ impl Object for TaskView {
         let results = self.results.read().ok()?;
         let result = results.get(&decl.id);
         match name {
-            "status" => Some(Value::from(result.map(|r| r.status.as_str()).unwrap_or("pending"))),
-            "output" => Some(result.and_then(|r| r.output.as_ref()).map(Value::from_serialize).unwrap_or(Value::from(()))),
-            "error" => Some(result.and_then(|r| r.error.as_deref()).map(Value::from).unwrap_or(Value::from(()))),
+            "status" => Some(Value::from(
+                result.map(|r| r.status.as_str()).unwrap_or("pending"),
+            )),
+            "output" => Some(
+                result
+                    .and_then(|r| r.output.as_ref())
+                    .map(Value::from_serialize)
+                    .unwrap_or(Value::from(())),
+            ),
+            "error" => Some(
+                result
+                    .and_then(|r| r.error.as_deref())
+                    .map(Value::from)
+                    .unwrap_or(Value::from(())),
+            ),
             "attempts" => Some(Value::from(result.map(|r| r.attempts).unwrap_or(0))),
             child => {
-                let c = decl.children.iter().copied().find(|&c| self.workflow.tasks[c].key() == child)?;
-                Some(Value::from_object(TaskView { workflow: self.workflow.clone(), results: self.results.clone(), task: c }))
+                let c = decl
+                    .children
+                    .iter()
+                    .copied()
+                    .find(|&c| self.workflow.tasks[c].key() == child)?;
+                Some(Value::from_object(TaskView {
+                    workflow: self.workflow.clone(),
+                    results: self.results.clone(),
+                    task: c,
+                }))
             }
         }
     }
@@ -88,7 +117,10 @@ pub struct ContextParts<'a> {
 }
 
 pub fn template_context(parts: &ContextParts) -> Value {
-    let tasks = Value::from_object(TasksView { workflow: parts.workflow.clone(), results: parts.results.clone() });
+    let tasks = Value::from_object(TasksView {
+        workflow: parts.workflow.clone(),
+        results: parts.results.clone(),
+    });
     let mut map: Vec<(&str, Value)> = vec![
         ("inputs", Value::from_serialize(parts.inputs)),
         ("tasks", tasks),
@@ -104,7 +136,9 @@ pub fn template_context(parts: &ContextParts) -> Value {
 /// The `tasks` global for scripts: results of the tasks this one (or its groups) needs.
 pub fn script_tasks(workflow: &Workflow, results: &Results, task: TaskIx) -> Json {
     let mut out = serde_json::Map::new();
-    let Ok(results) = results.read() else { return Json::Object(out) };
+    let Ok(results) = results.read() else {
+        return Json::Object(out);
+    };
     let mut cur = Some(task);
     while let Some(c) = cur {
         for &need in &workflow.tasks[c].needs {

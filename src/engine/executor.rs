@@ -87,7 +87,12 @@ pub enum EngineError {
 }
 
 enum Msg {
-    Done { node: NodeId, attempt: u32, result: Result<Json, WorkError>, logs: Vec<(String, String)> },
+    Done {
+        node: NodeId,
+        attempt: u32,
+        result: Result<Json, WorkError>,
+        logs: Vec<(String, String)>,
+    },
     RetryDue(NodeId),
 }
 
@@ -96,7 +101,13 @@ pub fn new_run_id() -> String {
     let secs = now_ms() / 1000;
     let (y, mo, d) = civil_from_days((secs / 86_400) as i64);
     let rem = secs % 86_400;
-    format!("{y:04}{mo:02}{d:02}-{:02}{:02}{:02}-{:04x}", rem / 3600, (rem % 3600) / 60, rem % 60, fastrand::u16(..))
+    format!(
+        "{y:04}{mo:02}{d:02}-{:02}{:02}{:02}-{:04x}",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        fastrand::u16(..)
+    )
 }
 
 /// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar.
@@ -117,11 +128,19 @@ pub fn run_dir(home: &std::path::Path, run_id: &str) -> PathBuf {
 }
 
 /// Executes (or continues) a run to its end, journaling every transition.
-pub async fn execute(spec: RunSpec, opts: &ExecOptions, journal: &mut Journal, sink: &mut dyn EventSink) -> Result<RunSummary, EngineError> {
+pub async fn execute(
+    spec: RunSpec,
+    opts: &ExecOptions,
+    journal: &mut Journal,
+    sink: &mut dyn EventSink,
+) -> Result<RunSummary, EngineError> {
     let wf = spec.workflow.clone();
     let dir = run_dir(&opts.home, &spec.run_id);
     let workspace = dir.join("workspace");
-    std::fs::create_dir_all(&workspace).map_err(|e| EngineError::RunDir { path: workspace.clone(), message: e.to_string() })?;
+    std::fs::create_dir_all(&workspace).map_err(|e| EngineError::RunDir {
+        path: workspace.clone(),
+        message: e.to_string(),
+    })?;
     let mut secrets = Vec::new();
     let mut env = serde_json::Map::new();
     for name in &wf.secrets {
@@ -157,7 +176,15 @@ pub async fn execute(spec: RunSpec, opts: &ExecOptions, journal: &mut Journal, s
     let results: Results = Arc::new(RwLock::new(HashMap::new()));
     if let Ok(mut r) = results.write() {
         for (key, rec) in &spec.restored {
-            r.insert(key.clone(), TaskResult { status: "succeeded".into(), output: rec.output.clone(), error: None, attempts: rec.attempt });
+            r.insert(
+                key.clone(),
+                TaskResult {
+                    status: "succeeded".into(),
+                    output: rec.output.clone(),
+                    error: None,
+                    attempts: rec.attempt,
+                },
+            );
         }
     }
     let run_json = serde_json::json!({
@@ -213,7 +240,12 @@ struct Executor<'a> {
 }
 
 impl Executor<'_> {
-    async fn run_loop(&mut self, m: &mut Machine<'_>, mut rx: mpsc::UnboundedReceiver<Msg>, resumed: bool) -> Result<RunSummary, EngineError> {
+    async fn run_loop(
+        &mut self,
+        m: &mut Machine<'_>,
+        mut rx: mpsc::UnboundedReceiver<Msg>,
+        resumed: bool,
+    ) -> Result<RunSummary, EngineError> {
         let t0 = Instant::now();
         self.record(Event::RunStarted {
             run: self.run_id.clone(),
@@ -259,7 +291,11 @@ impl Executor<'_> {
     }
 
     /// Cancels the machine and stops running work; tasks go back to "not done" for resume.
-    fn stop_all(&mut self, m: &mut Machine, queue: &mut VecDeque<MEvent>) -> Result<(), EngineError> {
+    fn stop_all(
+        &mut self,
+        m: &mut Machine,
+        queue: &mut VecDeque<MEvent>,
+    ) -> Result<(), EngineError> {
         queue.push_back(MEvent::Cancel);
         // Aborting drops the work future, which kills its processes and stops its scripts.
         for (_, handle) in self.running.drain() {
@@ -274,7 +310,12 @@ impl Executor<'_> {
         Ok(())
     }
 
-    fn finish(&mut self, m: &Machine, duration: Duration, interrupted: bool) -> Result<RunSummary, EngineError> {
+    fn finish(
+        &mut self,
+        m: &Machine,
+        duration: Duration,
+        interrupted: bool,
+    ) -> Result<RunSummary, EngineError> {
         let (mut succeeded, mut failed, mut skipped) = (0, 0, 0);
         for n in &m.nodes {
             match n.status {
@@ -284,7 +325,14 @@ impl Executor<'_> {
                 _ => {}
             }
         }
-        let awaiting: Vec<String> = if interrupted { Vec::new() } else { m.awaiting_approval().into_iter().map(|n| m.nodes[n].key.clone()).collect() };
+        let awaiting: Vec<String> = if interrupted {
+            Vec::new()
+        } else {
+            m.awaiting_approval()
+                .into_iter()
+                .map(|n| m.nodes[n].key.clone())
+                .collect()
+        };
         let status = if interrupted {
             RunStatus::Interrupted
         } else if self.failure.is_some() {
@@ -321,7 +369,17 @@ impl Executor<'_> {
                 }
             }
         }
-        Ok(RunSummary { run_id: self.run_id.clone(), status, succeeded, failed, skipped, awaiting, duration, error, outputs })
+        Ok(RunSummary {
+            run_id: self.run_id.clone(),
+            status,
+            succeeded,
+            failed,
+            skipped,
+            awaiting,
+            duration,
+            error,
+            outputs,
+        })
     }
 
     /// Journals an event, then shows it.
@@ -347,8 +405,14 @@ impl Executor<'_> {
         }
         match value {
             Json::String(s) => Json::String(self.redact(&s)),
-            Json::Array(items) => Json::Array(items.into_iter().map(|v| self.redact_json(v)).collect()),
-            Json::Object(map) => Json::Object(map.into_iter().map(|(k, v)| (k, self.redact_json(v))).collect()),
+            Json::Array(items) => {
+                Json::Array(items.into_iter().map(|v| self.redact_json(v)).collect())
+            }
+            Json::Object(map) => Json::Object(
+                map.into_iter()
+                    .map(|(k, v)| (k, self.redact_json(v)))
+                    .collect(),
+            ),
             other => other,
         }
     }
@@ -364,7 +428,12 @@ impl Executor<'_> {
         })
     }
 
-    fn apply(&mut self, m: &mut Machine, actions: Vec<Action>, queue: &mut VecDeque<MEvent>) -> Result<(), EngineError> {
+    fn apply(
+        &mut self,
+        m: &mut Machine,
+        actions: Vec<Action>,
+        queue: &mut VecDeque<MEvent>,
+    ) -> Result<(), EngineError> {
         for action in actions {
             match action {
                 Action::Prepare(n) => self.prepare(m, n, queue)?,
@@ -373,7 +442,12 @@ impl Executor<'_> {
                     let wf = self.wf.clone();
                     let decl = &wf.tasks[m.nodes[node].decl];
                     let delay = decl.retry.delay_before(next_attempt, fastrand::f64());
-                    let error = self.results.read().ok().and_then(|r| r.get(&m.nodes[node].key).and_then(|r| r.error.clone())).unwrap_or_default();
+                    let error = self
+                        .results
+                        .read()
+                        .ok()
+                        .and_then(|r| r.get(&m.nodes[node].key).and_then(|r| r.error.clone()))
+                        .unwrap_or_default();
                     self.record(Event::TaskRetrying {
                         run: self.run_id.clone(),
                         ts: now_ms(),
@@ -388,16 +462,30 @@ impl Executor<'_> {
                         let _ = tx.send(Msg::RetryDue(node));
                     });
                 }
-                Action::Settled { node, status, reason } => self.settled(m, node, status, reason)?,
+                Action::Settled {
+                    node,
+                    status,
+                    reason,
+                } => self.settled(m, node, status, reason)?,
                 Action::Expanded { node, count } => {
-                    self.record(Event::TaskExpanded { run: self.run_id.clone(), ts: now_ms(), task: m.nodes[node].key.clone(), items: count })?;
+                    self.record(Event::TaskExpanded {
+                        run: self.run_id.clone(),
+                        ts: now_ms(),
+                        task: m.nodes[node].key.clone(),
+                        items: count,
+                    })?;
                 }
             }
         }
         Ok(())
     }
 
-    fn prepare(&mut self, m: &mut Machine, n: NodeId, queue: &mut VecDeque<MEvent>) -> Result<(), EngineError> {
+    fn prepare(
+        &mut self,
+        m: &mut Machine,
+        n: NodeId,
+        queue: &mut VecDeque<MEvent>,
+    ) -> Result<(), EngineError> {
         self.started.insert(n, Instant::now());
         let wf = self.wf.clone();
         let decl = &wf.tasks[m.nodes[n].decl];
@@ -439,9 +527,21 @@ impl Executor<'_> {
         let error = self.redact(&error);
         let key = m.nodes[n].key.clone();
         if let Ok(mut r) = self.results.write() {
-            r.insert(key.clone(), TaskResult { status: "failed".into(), output: None, error: Some(error.clone()), attempts: m.nodes[n].attempt });
+            r.insert(
+                key.clone(),
+                TaskResult {
+                    status: "failed".into(),
+                    output: None,
+                    error: Some(error.clone()),
+                    attempts: m.nodes[n].attempt,
+                },
+            );
         }
-        let duration = self.started.get(&n).map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
+        let duration = self
+            .started
+            .get(&n)
+            .map(|t| t.elapsed().as_millis() as u64)
+            .unwrap_or(0);
         self.record(Event::TaskFinished {
             run: self.run_id.clone(),
             ts: now_ms(),
@@ -455,19 +555,37 @@ impl Executor<'_> {
         })
     }
 
-    fn settled(&mut self, m: &Machine, n: NodeId, status: Status, reason: Option<String>) -> Result<(), EngineError> {
+    fn settled(
+        &mut self,
+        m: &Machine,
+        n: NodeId,
+        status: Status,
+        reason: Option<String>,
+    ) -> Result<(), EngineError> {
         let node = &m.nodes[n];
-        let restored = status == Status::Succeeded && self.restored.contains(&node.key) && node.is_leaf;
+        let restored =
+            status == Status::Succeeded && self.restored.contains(&node.key) && node.is_leaf;
         let output = if status == Status::Succeeded && !node.is_leaf {
             Some(self.container_output(m, n))
         } else if restored {
-            self.results.read().ok().and_then(|r| r.get(&node.key).and_then(|r| r.output.clone()))
+            self.results
+                .read()
+                .ok()
+                .and_then(|r| r.get(&node.key).and_then(|r| r.output.clone()))
         } else {
             None
         };
         let error = (status == Status::Failed).then(|| reason.clone()).flatten();
         if let Ok(mut r) = self.results.write() {
-            r.insert(node.key.clone(), TaskResult { status: status.name().into(), output: output.clone(), error: error.clone(), attempts: node.attempt });
+            r.insert(
+                node.key.clone(),
+                TaskResult {
+                    status: status.name().into(),
+                    output: output.clone(),
+                    error: error.clone(),
+                    attempts: node.attempt,
+                },
+            );
         }
         let event = Event::TaskFinished {
             run: self.run_id.clone(),
@@ -475,10 +593,18 @@ impl Executor<'_> {
             task: node.key.clone(),
             status: status.name().into(),
             attempt: node.attempt,
-            duration_ms: self.started.get(&n).map(|t| t.elapsed().as_millis() as u64).unwrap_or(0),
+            duration_ms: self
+                .started
+                .get(&n)
+                .map(|t| t.elapsed().as_millis() as u64)
+                .unwrap_or(0),
             output,
             error,
-            reason: if status == Status::Failed { None } else { reason },
+            reason: if status == Status::Failed {
+                None
+            } else {
+                reason
+            },
         };
         if restored {
             // Already in the journal from the session that ran it: show, don't rewrite.
@@ -491,17 +617,45 @@ impl Executor<'_> {
 
     /// A group's output maps child keys to outputs; a fan-out's is the list in item order.
     fn container_output(&self, m: &Machine, n: NodeId) -> Json {
-        let Ok(results) = self.results.read() else { return Json::Null };
+        let Ok(results) = self.results.read() else {
+            return Json::Null;
+        };
         let node = &m.nodes[n];
-        let output_of = |key: &str| results.get(key).and_then(|r| r.output.clone()).unwrap_or(Json::Null);
+        let output_of = |key: &str| {
+            results
+                .get(key)
+                .and_then(|r| r.output.clone())
+                .unwrap_or(Json::Null)
+        };
         if matches!(self.wf.tasks[node.decl].kind, TaskKind::Group) {
-            Json::Object(node.children.iter().map(|&c| (self.wf.tasks[m.nodes[c].decl].key().to_string(), output_of(&m.nodes[c].key))).collect())
+            Json::Object(
+                node.children
+                    .iter()
+                    .map(|&c| {
+                        (
+                            self.wf.tasks[m.nodes[c].decl].key().to_string(),
+                            output_of(&m.nodes[c].key),
+                        )
+                    })
+                    .collect(),
+            )
         } else {
-            Json::Array(node.children.iter().map(|&c| output_of(&m.nodes[c].key)).collect())
+            Json::Array(
+                node.children
+                    .iter()
+                    .map(|&c| output_of(&m.nodes[c].key))
+                    .collect(),
+            )
         }
     }
 
-    fn launch(&mut self, m: &mut Machine, n: NodeId, attempt: u32, queue: &mut VecDeque<MEvent>) -> Result<(), EngineError> {
+    fn launch(
+        &mut self,
+        m: &mut Machine,
+        n: NodeId,
+        attempt: u32,
+        queue: &mut VecDeque<MEvent>,
+    ) -> Result<(), EngineError> {
         let wf = self.wf.clone();
         let decl = &wf.tasks[m.nodes[n].decl];
         let key = m.nodes[n].key.clone();
@@ -511,12 +665,30 @@ impl Executor<'_> {
         if let TaskKind::Approve { message } = &decl.kind {
             return self.approval(m, n, message.clone(), queue);
         }
-        self.record(Event::TaskStarted { run: self.run_id.clone(), ts: now_ms(), task: key.clone(), kind: decl.kind.name().into(), attempt })?;
+        self.record(Event::TaskStarted {
+            run: self.run_id.clone(),
+            ts: now_ms(),
+            task: key.clone(),
+            kind: decl.kind.name().into(),
+            attempt,
+        })?;
         let work = match self.build_work(m, n) {
             Ok(w) => w,
             Err(e) => {
-                let result = Err(WorkError { class: ErrorClass::Script, message: e });
-                return self.on_message(m, Msg::Done { node: n, attempt, result, logs: Vec::new() }, queue);
+                let result = Err(WorkError {
+                    class: ErrorClass::Script,
+                    message: e,
+                });
+                return self.on_message(
+                    m,
+                    Msg::Done {
+                        node: n,
+                        attempt,
+                        result,
+                        logs: Vec::new(),
+                    },
+                    queue,
+                );
             }
         };
         let timeout = decl.timeout;
@@ -530,19 +702,39 @@ impl Executor<'_> {
                     Ok(r) => r,
                     Err(_) => {
                         cancel.store(true, Ordering::Relaxed);
-                        let message = format!("timed out after {}", crate::workflow::units::human_duration(limit));
-                        (Err(WorkError { class: ErrorClass::Timeout, message }), Vec::new())
+                        let message = format!(
+                            "timed out after {}",
+                            crate::workflow::units::human_duration(limit)
+                        );
+                        (
+                            Err(WorkError {
+                                class: ErrorClass::Timeout,
+                                message,
+                            }),
+                            Vec::new(),
+                        )
                     }
                 },
                 None => fut.await,
             };
-            let _ = tx.send(Msg::Done { node: n, attempt, result, logs });
+            let _ = tx.send(Msg::Done {
+                node: n,
+                attempt,
+                result,
+                logs,
+            });
         });
         self.running.insert(n, handle.abort_handle());
         Ok(())
     }
 
-    fn approval(&mut self, m: &mut Machine, n: NodeId, message: String, queue: &mut VecDeque<MEvent>) -> Result<(), EngineError> {
+    fn approval(
+        &mut self,
+        m: &mut Machine,
+        n: NodeId,
+        message: String,
+        queue: &mut VecDeque<MEvent>,
+    ) -> Result<(), EngineError> {
         let key = m.nodes[n].key.clone();
         let ctx = self.context(m, n);
         let question = match prompt::render(&self.templates, &message, &ctx) {
@@ -580,7 +772,12 @@ impl Executor<'_> {
                 }
             }
             None => {
-                self.record(Event::ApprovalRequested { run: self.run_id.clone(), ts: now_ms(), task: key, message: question })?;
+                self.record(Event::ApprovalRequested {
+                    run: self.run_id.clone(),
+                    ts: now_ms(),
+                    task: key,
+                    message: question,
+                })?;
                 queue.push_back(MEvent::NeedsApproval(n));
             }
         }
@@ -590,7 +787,9 @@ impl Executor<'_> {
     fn build_work(&self, m: &Machine, n: NodeId) -> Result<Work, String> {
         let decl = &self.wf.tasks[m.nodes[n].decl];
         let ctx = self.context(m, n);
-        let render = |what: &str, text: &str| prompt::render(&self.templates, text, &ctx).map_err(|e| format!("{what}: {e}"));
+        let render = |what: &str, text: &str| {
+            prompt::render(&self.templates, text, &ctx).map_err(|e| format!("{what}: {e}"))
+        };
         Ok(match &decl.kind {
             TaskKind::Run { command, env } => {
                 let command = render("`run`", command)?;
@@ -598,27 +797,45 @@ impl Executor<'_> {
                 for (k, v) in env {
                     vars.push((k.clone(), render(&format!("env `{k}`"), v)?));
                 }
-                Work::Run { command, env: vars, workdir: self.workspace.clone() }
+                Work::Run {
+                    command,
+                    env: vars,
+                    workdir: self.workspace.clone(),
+                }
             }
             TaskKind::Script { source } => {
                 let mut globals = serde_json::Map::new();
                 globals.insert("inputs".into(), self.inputs.clone());
-                globals.insert("tasks".into(), script_tasks(&self.wf, &self.results, m.nodes[n].decl));
+                globals.insert(
+                    "tasks".into(),
+                    script_tasks(&self.wf, &self.results, m.nodes[n].decl),
+                );
                 globals.insert("run".into(), self.run.clone());
                 if let Some(item) = &m.nodes[n].item {
                     globals.insert("item".into(), item.clone());
                 }
-                Work::Script { source: source.clone(), globals, timeout: decl.timeout }
+                Work::Script {
+                    source: source.clone(),
+                    globals,
+                    timeout: decl.timeout,
+                }
             }
             TaskKind::Tool { tool, with } => {
-                let args = prompt::render_json(&self.templates, with, &ctx).map_err(|e| format!("`with`: {e}"))?;
+                let args = prompt::render_json(&self.templates, with, &ctx)
+                    .map_err(|e| format!("`with`: {e}"))?;
                 let custom = self.wf.tools.get(tool).map(|t| t.script.clone());
-                Work::Tool { name: tool.clone(), args, workspace: self.workspace.clone(), script: custom }
+                Work::Tool {
+                    name: tool.clone(),
+                    args,
+                    workspace: self.workspace.clone(),
+                    script: custom,
+                }
             }
             TaskKind::Workflow { path, with } => {
                 let mut inputs = Vec::new();
                 for (k, v) in with {
-                    let value = prompt::render_json(&self.templates, v, &ctx).map_err(|e| format!("`with.{k}`: {e}"))?;
+                    let value = prompt::render_json(&self.templates, v, &ctx)
+                        .map_err(|e| format!("`with.{k}`: {e}"))?;
                     inputs.push((k.clone(), value));
                 }
                 Work::Workflow {
@@ -626,18 +843,36 @@ impl Executor<'_> {
                     inputs,
                     run_id: format!("{}.{}", self.run_id, m.nodes[n].key),
                     parent: self.run_id.clone(),
-                    opts: ExecOptions { handle_signals: false, interactive: false, ..self.opts.clone() },
+                    opts: ExecOptions {
+                        handle_signals: false,
+                        interactive: false,
+                        ..self.opts.clone()
+                    },
                 }
             }
-            TaskKind::Agent { agent, .. } => Work::Agent { agent: agent.clone() },
-            TaskKind::Approve { .. } | TaskKind::Group => return Err("internal: not a leaf task".into()),
+            TaskKind::Agent { agent, .. } => Work::Agent {
+                agent: agent.clone(),
+            },
+            TaskKind::Approve { .. } | TaskKind::Group => {
+                return Err("internal: not a leaf task".into())
+            }
         })
     }
 
-    fn on_message(&mut self, m: &mut Machine, msg: Msg, queue: &mut VecDeque<MEvent>) -> Result<(), EngineError> {
+    fn on_message(
+        &mut self,
+        m: &mut Machine,
+        msg: Msg,
+        queue: &mut VecDeque<MEvent>,
+    ) -> Result<(), EngineError> {
         match msg {
             Msg::RetryDue(n) => queue.push_back(MEvent::RetryDue(n)),
-            Msg::Done { node: n, attempt, result, logs } => {
+            Msg::Done {
+                node: n,
+                attempt,
+                result,
+                logs,
+            } => {
                 self.running.remove(&n);
                 if m.nodes[n].status != Status::Running || m.nodes[n].attempt != attempt {
                     return Ok(());
@@ -645,11 +880,18 @@ impl Executor<'_> {
                 let key = m.nodes[n].key.clone();
                 for (stream, text) in &logs {
                     let text = self.redact(text);
-                    self.journal.append_log(&self.run_id, &key, attempt, stream, &text)?;
+                    self.journal
+                        .append_log(&self.run_id, &key, attempt, stream, &text)?;
                 }
                 let wf = self.wf.clone();
                 let decl = &wf.tasks[m.nodes[n].decl];
-                let result = result.and_then(|out| shape_output(out, decl.output.as_ref(), matches!(decl.kind, TaskKind::Run { .. })));
+                let result = result.and_then(|out| {
+                    shape_output(
+                        out,
+                        decl.output.as_ref(),
+                        matches!(decl.kind, TaskKind::Run { .. }),
+                    )
+                });
                 match result {
                     Ok(output) => {
                         self.succeed(m, n, output)?;
@@ -658,11 +900,23 @@ impl Executor<'_> {
                     Err(e) => {
                         let error = self.redact(&e.message);
                         if let Ok(mut r) = self.results.write() {
-                            r.insert(key.clone(), TaskResult { status: "failed".into(), output: None, error: Some(error.clone()), attempts: attempt });
+                            r.insert(
+                                key.clone(),
+                                TaskResult {
+                                    status: "failed".into(),
+                                    output: None,
+                                    error: Some(error.clone()),
+                                    attempts: attempt,
+                                },
+                            );
                         }
                         let actions = m.handle(MEvent::Failed(n, e.class));
                         if m.nodes[n].status == Status::Failed {
-                            let duration = self.started.get(&n).map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
+                            let duration = self
+                                .started
+                                .get(&n)
+                                .map(|t| t.elapsed().as_millis() as u64)
+                                .unwrap_or(0);
                             self.record(Event::TaskFinished {
                                 run: self.run_id.clone(),
                                 ts: now_ms(),
@@ -688,9 +942,21 @@ impl Executor<'_> {
         let key = m.nodes[n].key.clone();
         let attempt = m.nodes[n].attempt;
         if let Ok(mut r) = self.results.write() {
-            r.insert(key.clone(), TaskResult { status: "succeeded".into(), output: Some(output.clone()), error: None, attempts: attempt });
+            r.insert(
+                key.clone(),
+                TaskResult {
+                    status: "succeeded".into(),
+                    output: Some(output.clone()),
+                    error: None,
+                    attempts: attempt,
+                },
+            );
         }
-        let duration = self.started.get(&n).map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
+        let duration = self
+            .started
+            .get(&n)
+            .map(|t| t.elapsed().as_millis() as u64)
+            .unwrap_or(0);
         self.record(Event::TaskFinished {
             run: self.run_id.clone(),
             ts: now_ms(),
@@ -706,16 +972,30 @@ impl Executor<'_> {
 }
 
 /// Applies `output.parse` and `output.schema` to a task's raw output.
-fn shape_output(raw: Json, spec: Option<&crate::workflow::OutputSpec>, is_run: bool) -> Result<Json, WorkError> {
+fn shape_output(
+    raw: Json,
+    spec: Option<&crate::workflow::OutputSpec>,
+    is_run: bool,
+) -> Result<Json, WorkError> {
     let Some(spec) = spec else { return Ok(raw) };
-    let invalid = |message: String| WorkError { class: ErrorClass::Output, message };
+    let invalid = |message: String| WorkError {
+        class: ErrorClass::Output,
+        message,
+    };
     let value = match (spec.parse, is_run) {
         (Some(parse), true) => {
             let stdout = raw.get("stdout").and_then(Json::as_str).unwrap_or_default();
             match parse {
                 OutputParse::Text => Json::String(stdout.trim_end().to_string()),
-                OutputParse::Lines => Json::Array(stdout.lines().filter(|l| !l.trim().is_empty()).map(|l| Json::String(l.to_string())).collect()),
-                OutputParse::Json => serde_json::from_str(stdout.trim()).map_err(|e| invalid(format!("stdout is not JSON: {e}")))?,
+                OutputParse::Lines => Json::Array(
+                    stdout
+                        .lines()
+                        .filter(|l| !l.trim().is_empty())
+                        .map(|l| Json::String(l.to_string()))
+                        .collect(),
+                ),
+                OutputParse::Json => serde_json::from_str(stdout.trim())
+                    .map_err(|e| invalid(format!("stdout is not JSON: {e}")))?,
             }
         }
         _ => raw,
@@ -723,7 +1003,10 @@ fn shape_output(raw: Json, spec: Option<&crate::workflow::OutputSpec>, is_run: b
     if let Some(schema) = &spec.schema {
         let problems = super::schema_check::check(schema, &value);
         if !problems.is_empty() {
-            return Err(invalid(format!("output does not match `output.schema`: {}", problems.join("; "))));
+            return Err(invalid(format!(
+                "output does not match `output.schema`: {}",
+                problems.join("; ")
+            )));
         }
     }
     Ok(value)
@@ -745,7 +1028,10 @@ fn ask_yes_no(question: &str) -> Option<bool> {
     let mut line = String::new();
     match std::io::stdin().read_line(&mut line) {
         Ok(0) | Err(_) => None,
-        Ok(_) => Some(matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes")),
+        Ok(_) => Some(matches!(
+            line.trim().to_ascii_lowercase().as_str(),
+            "y" | "yes"
+        )),
     }
 }
 
@@ -757,7 +1043,11 @@ struct Signals {
 
 impl Signals {
     fn new(enabled: bool) -> Self {
-        let term = if enabled { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok() } else { None };
+        let term = if enabled {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok()
+        } else {
+            None
+        };
         Signals { enabled, term }
     }
 
@@ -780,9 +1070,24 @@ impl Signals {
 }
 
 /// Runs a sub-workflow as a child run in the same journal; resumes it if it exists.
-pub async fn run_child(path: PathBuf, inputs: Vec<(String, Json)>, run_id: String, parent: String, opts: ExecOptions) -> Result<Json, WorkError> {
-    let fail = |message: String| WorkError { class: ErrorClass::Workflow, message };
-    let wf = crate::workflow::load(&path).map_err(|r| fail(format!("sub-workflow `{}` is invalid:\n{}", path.display(), r.render())))?;
+pub async fn run_child(
+    path: PathBuf,
+    inputs: Vec<(String, Json)>,
+    run_id: String,
+    parent: String,
+    opts: ExecOptions,
+) -> Result<Json, WorkError> {
+    let fail = |message: String| WorkError {
+        class: ErrorClass::Workflow,
+        message,
+    };
+    let wf = crate::workflow::load(&path).map_err(|r| {
+        fail(format!(
+            "sub-workflow `{}` is invalid:\n{}",
+            path.display(),
+            r.render()
+        ))
+    })?;
     let mut given = serde_json::Map::new();
     for (k, v) in inputs {
         given.insert(k, v);
@@ -809,10 +1114,23 @@ pub async fn run_child(path: PathBuf, inputs: Vec<(String, Json)>, run_id: Strin
             .collect(),
         None => HashMap::new(),
     };
-    let spec = RunSpec { workflow: Arc::new(wf), run_id: run_id.clone(), parent: Some(parent), inputs: given, restored, resumed: existing.is_some() };
-    let summary = Box::pin(execute(spec, &opts, &mut journal, &mut NullSink)).await.map_err(|e| fail(e.to_string()))?;
+    let spec = RunSpec {
+        workflow: Arc::new(wf),
+        run_id: run_id.clone(),
+        parent: Some(parent),
+        inputs: given,
+        restored,
+        resumed: existing.is_some(),
+    };
+    let summary = Box::pin(execute(spec, &opts, &mut journal, &mut NullSink))
+        .await
+        .map_err(|e| fail(e.to_string()))?;
     match summary.status {
         RunStatus::Succeeded => Ok(Json::Object(summary.outputs)),
-        other => Err(fail(format!("sub-workflow run {run_id} {}{}", other.name(), summary.error.map(|e| format!(": {e}")).unwrap_or_default()))),
+        other => Err(fail(format!(
+            "sub-workflow run {run_id} {}{}",
+            other.name(),
+            summary.error.map(|e| format!(": {e}")).unwrap_or_default()
+        ))),
     }
 }

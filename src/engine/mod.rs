@@ -6,4 +6,6 @@ pub mod schema_check;
 pub mod state;
 pub mod work;
 
-pub use executor::{execute, new_run_id, run_dir, EngineError, ExecOptions, RunSpec, RunStatus, RunSummary};
+pub use executor::{
+    execute, new_run_id, run_dir, EngineError, ExecOptions, RunSpec, RunStatus, RunSummary,
+};

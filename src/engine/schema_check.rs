@@ -24,7 +24,9 @@ fn type_matches(name: &str, value: &Json) -> bool {
 }
 
 fn walk(schema: &Json, value: &Json, path: &str, problems: &mut Vec<String>) {
-    let Some(schema) = schema.as_object() else { return };
+    let Some(schema) = schema.as_object() else {
+        return;
+    };
     if let Some(t) = schema.get("type") {
         let names: Vec<&str> = match t {
             Json::String(s) => vec![s.as_str()],
@@ -32,7 +34,11 @@ fn walk(schema: &Json, value: &Json, path: &str, problems: &mut Vec<String>) {
             _ => Vec::new(),
         };
         if !names.is_empty() && !names.iter().any(|n| type_matches(n, value)) {
-            problems.push(format!("{path}: expected {}, found {}", names.join(" or "), kind(value)));
+            problems.push(format!(
+                "{path}: expected {}, found {}",
+                names.join(" or "),
+                kind(value)
+            ));
             return;
         }
     }
@@ -64,24 +70,53 @@ fn walk(schema: &Json, value: &Json, path: &str, problems: &mut Vec<String>) {
             }
         }
         let len = items.len() as u64;
-        if schema.get("minItems").and_then(Json::as_u64).is_some_and(|m| len < m) {
+        if schema
+            .get("minItems")
+            .and_then(Json::as_u64)
+            .is_some_and(|m| len < m)
+        {
             problems.push(format!("{path}: fewer than {} items", schema["minItems"]));
         }
-        if schema.get("maxItems").and_then(Json::as_u64).is_some_and(|m| len > m) {
+        if schema
+            .get("maxItems")
+            .and_then(Json::as_u64)
+            .is_some_and(|m| len > m)
+        {
             problems.push(format!("{path}: more than {} items", schema["maxItems"]));
         }
     }
     if let Some(s) = value.as_str() {
-        if schema.get("minLength").and_then(Json::as_u64).is_some_and(|m| (s.chars().count() as u64) < m) {
-            problems.push(format!("{path}: shorter than {} characters", schema["minLength"]));
+        if schema
+            .get("minLength")
+            .and_then(Json::as_u64)
+            .is_some_and(|m| (s.chars().count() as u64) < m)
+        {
+            problems.push(format!(
+                "{path}: shorter than {} characters",
+                schema["minLength"]
+            ));
         }
     }
     if let Some(n) = value.as_f64() {
-        if schema.get("minimum").and_then(Json::as_f64).is_some_and(|m| n < m) {
-            problems.push(format!("{path}: {n} is below the minimum {}", schema["minimum"]));
+        if schema
+            .get("minimum")
+            .and_then(Json::as_f64)
+            .is_some_and(|m| n < m)
+        {
+            problems.push(format!(
+                "{path}: {n} is below the minimum {}",
+                schema["minimum"]
+            ));
         }
-        if schema.get("maximum").and_then(Json::as_f64).is_some_and(|m| n > m) {
-            problems.push(format!("{path}: {n} is above the maximum {}", schema["maximum"]));
+        if schema
+            .get("maximum")
+            .and_then(Json::as_f64)
+            .is_some_and(|m| n > m)
+        {
+            problems.push(format!(
+                "{path}: {n} is above the maximum {}",
+                schema["maximum"]
+            ));
         }
     }
 }
@@ -106,7 +141,13 @@ mod tests {
     fn reports_missing_and_mistyped_fields() {
         let schema = json!({"type": "object", "required": ["files"], "properties": {"files": {"type": "array", "items": {"type": "string"}}}});
         assert!(check(&schema, &json!({"files": ["a.py"]})).is_empty());
-        assert_eq!(check(&schema, &json!({})), vec!["$: missing required property `files`"]);
-        assert_eq!(check(&schema, &json!({"files": [1]})), vec!["$.files[0]: expected string, found a number"]);
+        assert_eq!(
+            check(&schema, &json!({})),
+            vec!["$: missing required property `files`"]
+        );
+        assert_eq!(
+            check(&schema, &json!({"files": [1]})),
+            vec!["$.files[0]: expected string, found a number"]
+        );
     }
 }

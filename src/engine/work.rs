@@ -18,11 +18,32 @@ pub const OUTPUT_LIMIT: usize = 1 << 20;
 
 /// Everything one attempt needs, rendered and owned, so it can run on another task.
 pub enum Work {
-    Run { command: String, env: Vec<(String, String)>, workdir: PathBuf },
-    Script { source: ScriptSource, globals: serde_json::Map<String, Json>, timeout: Option<Duration> },
-    Tool { name: String, args: Json, workspace: PathBuf, script: Option<PathBuf> },
-    Workflow { path: PathBuf, inputs: Vec<(String, Json)>, run_id: String, parent: String, opts: ExecOptions },
-    Agent { agent: String },
+    Run {
+        command: String,
+        env: Vec<(String, String)>,
+        workdir: PathBuf,
+    },
+    Script {
+        source: ScriptSource,
+        globals: serde_json::Map<String, Json>,
+        timeout: Option<Duration>,
+    },
+    Tool {
+        name: String,
+        args: Json,
+        workspace: PathBuf,
+        script: Option<PathBuf>,
+    },
+    Workflow {
+        path: PathBuf,
+        inputs: Vec<(String, Json)>,
+        run_id: String,
+        parent: String,
+        opts: ExecOptions,
+    },
+    Agent {
+        agent: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -50,13 +71,34 @@ pub async fn perform(work: Work, cancel: Arc<AtomicBool>) -> (Result<Json, WorkE
     }
 }
 
-async fn run_command(command: String, env: Vec<(String, String)>, workdir: PathBuf) -> (Result<Json, WorkError>, Logs) {
-    let request = ExecRequest { command, workdir, env, timeout: None, output_limit: OUTPUT_LIMIT };
+async fn run_command(
+    command: String,
+    env: Vec<(String, String)>,
+    workdir: PathBuf,
+) -> (Result<Json, WorkError>, Logs) {
+    let request = ExecRequest {
+        command,
+        workdir,
+        env,
+        timeout: None,
+        output_limit: OUTPUT_LIMIT,
+    };
     let out = match HostSandbox.exec(request).await {
         Ok(out) => out,
-        Err(e) => return (Err(WorkError { class: ErrorClass::ExitCode, message: e.to_string() }), Vec::new()),
+        Err(e) => {
+            return (
+                Err(WorkError {
+                    class: ErrorClass::ExitCode,
+                    message: e.to_string(),
+                }),
+                Vec::new(),
+            )
+        }
     };
-    let logs = vec![("stdout".to_string(), out.stdout.clone()), ("stderr".to_string(), out.stderr.clone())];
+    let logs = vec![
+        ("stdout".to_string(), out.stdout.clone()),
+        ("stderr".to_string(), out.stderr.clone()),
+    ];
     let value = serde_json::json!({
         "exit_code": out.exit_code,
         "stdout": out.stdout,
@@ -64,16 +106,30 @@ async fn run_command(command: String, env: Vec<(String, String)>, workdir: PathB
     });
     let result = match (out.exit_code, out.signal) {
         (Some(0), _) => Ok(value),
-        (Some(code), _) => Err(WorkError { class: ErrorClass::ExitCode, message: exit_message(&format!("exit code {code}"), &out.stderr) }),
-        (None, Some(sig)) => Err(WorkError { class: ErrorClass::ExitCode, message: exit_message(&format!("killed by signal {sig}"), &out.stderr) }),
-        (None, None) => Err(WorkError { class: ErrorClass::ExitCode, message: "the command ended without an exit status".into() }),
+        (Some(code), _) => Err(WorkError {
+            class: ErrorClass::ExitCode,
+            message: exit_message(&format!("exit code {code}"), &out.stderr),
+        }),
+        (None, Some(sig)) => Err(WorkError {
+            class: ErrorClass::ExitCode,
+            message: exit_message(&format!("killed by signal {sig}"), &out.stderr),
+        }),
+        (None, None) => Err(WorkError {
+            class: ErrorClass::ExitCode,
+            message: "the command ended without an exit status".into(),
+        }),
     };
     (result, logs)
 }
 
 /// The failure with the last lines of stderr, which usually say why.
 fn exit_message(what: &str, stderr: &str) -> String {
-    let tail: Vec<&str> = stderr.lines().rev().filter(|l| !l.trim().is_empty()).take(3).collect();
+    let tail: Vec<&str> = stderr
+        .lines()
+        .rev()
+        .filter(|l| !l.trim().is_empty())
+        .take(3)
+        .collect();
     if tail.is_empty() {
         what.to_string()
     } else {
@@ -82,31 +138,72 @@ fn exit_message(what: &str, stderr: &str) -> String {
     }
 }
 
-async fn run_script(source: ScriptSource, globals: serde_json::Map<String, Json>, timeout: Option<Duration>, cancel: Arc<AtomicBool>) -> Result<Json, WorkError> {
-    let limits = Limits { deadline: timeout.map(|t| Instant::now() + t), cancel, ..Limits::default() };
-    let joined = tokio::task::spawn_blocking(move || scripting::run(&source, &globals, &limits)).await;
+async fn run_script(
+    source: ScriptSource,
+    globals: serde_json::Map<String, Json>,
+    timeout: Option<Duration>,
+    cancel: Arc<AtomicBool>,
+) -> Result<Json, WorkError> {
+    let limits = Limits {
+        deadline: timeout.map(|t| Instant::now() + t),
+        cancel,
+        ..Limits::default()
+    };
+    let joined =
+        tokio::task::spawn_blocking(move || scripting::run(&source, &globals, &limits)).await;
     match joined {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(WorkError {
-            class: if e.kind == ScriptErrorKind::Timeout { ErrorClass::Timeout } else { ErrorClass::Script },
+            class: if e.kind == ScriptErrorKind::Timeout {
+                ErrorClass::Timeout
+            } else {
+                ErrorClass::Script
+            },
             message: e.to_string(),
         }),
-        Err(e) => Err(WorkError { class: ErrorClass::Script, message: format!("script thread failed: {e}") }),
+        Err(e) => Err(WorkError {
+            class: ErrorClass::Script,
+            message: format!("script thread failed: {e}"),
+        }),
     }
 }
 
-async fn run_tool(name: String, args: Json, workspace: PathBuf, script: Option<PathBuf>, cancel: Arc<AtomicBool>) -> Result<Json, WorkError> {
-    let tool_error = |message: String| WorkError { class: ErrorClass::Tool, message };
+async fn run_tool(
+    name: String,
+    args: Json,
+    workspace: PathBuf,
+    script: Option<PathBuf>,
+    cancel: Arc<AtomicBool>,
+) -> Result<Json, WorkError> {
+    let tool_error = |message: String| WorkError {
+        class: ErrorClass::Tool,
+        message,
+    };
     if let Some(path) = script {
         // A custom tool: its script sees the arguments as `args`.
-        let code = std::fs::read_to_string(&path).map_err(|e| tool_error(format!("tool `{name}`: cannot read {}: {e}", path.display())))?;
+        let code = std::fs::read_to_string(&path).map_err(|e| {
+            tool_error(format!(
+                "tool `{name}`: cannot read {}: {e}",
+                path.display()
+            ))
+        })?;
         let lang = Lang::from_path(&path).unwrap_or(Lang::Rhai);
-        let source = ScriptSource { lang, code, name: path.display().to_string(), first_line: 1 };
+        let source = ScriptSource {
+            lang,
+            code,
+            name: path.display().to_string(),
+            first_line: 1,
+        };
         let mut globals = serde_json::Map::new();
         globals.insert("args".into(), args);
-        return run_script(source, globals, None, cancel).await.map_err(|e| tool_error(format!("tool `{name}`: {}", e.message)));
+        return run_script(source, globals, None, cancel)
+            .await
+            .map_err(|e| tool_error(format!("tool `{name}`: {}", e.message)));
     }
-    let joined = tokio::task::spawn_blocking(move || tools::call_builtin(&name, &args, &ToolContext { workspace })).await;
+    let joined = tokio::task::spawn_blocking(move || {
+        tools::call_builtin(&name, &args, &ToolContext { workspace })
+    })
+    .await;
     match joined {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(tool_error(e.to_string())),

@@ -22,7 +22,10 @@ pub fn environment(base_dir: Option<&Path>) -> Environment<'static> {
 
 fn fromjson(text: String) -> Result<minijinja::Value, minijinja::Error> {
     let v: Json = serde_json::from_str(&text).map_err(|e| {
-        minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("fromjson: {e}"))
+        minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("fromjson: {e}"),
+        )
     })?;
     Ok(minijinja::Value::from_serialize(&v))
 }
@@ -37,7 +40,11 @@ pub fn expr_text(text: &str) -> &str {
     let t = text.trim();
     if let Some(inner) = t.strip_prefix("{{").and_then(|r| r.strip_suffix("}}")) {
         if !inner.contains("{{") && !inner.contains("}}") {
-            return inner.trim().trim_start_matches('-').trim_end_matches('-').trim();
+            return inner
+                .trim()
+                .trim_start_matches('-')
+                .trim_end_matches('-')
+                .trim();
         }
     }
     t
@@ -57,7 +64,10 @@ impl std::fmt::Display for TemplateError {
 }
 
 fn template_error(e: minijinja::Error) -> TemplateError {
-    let mut message = e.detail().map(str::to_string).unwrap_or_else(|| e.kind().to_string());
+    let mut message = e
+        .detail()
+        .map(str::to_string)
+        .unwrap_or_else(|| e.kind().to_string());
     if let Some(name) = e.name().filter(|n| !n.starts_with('<')) {
         message = format!("{message} (in {name})");
     }
@@ -68,7 +78,11 @@ fn template_error(e: minijinja::Error) -> TemplateError {
 }
 
 /// Parses a template or expression and returns the variables it reads, as dotted paths.
-pub fn check(env: &Environment<'_>, text: &str, is_expr: bool) -> Result<Vec<String>, TemplateError> {
+pub fn check(
+    env: &Environment<'_>,
+    text: &str,
+    is_expr: bool,
+) -> Result<Vec<String>, TemplateError> {
     let vars = if is_expr {
         env.compile_expression(expr_text(text))
             .map_err(template_error)?
@@ -86,7 +100,11 @@ pub fn check(env: &Environment<'_>, text: &str, is_expr: bool) -> Result<Vec<Str
 }
 
 /// Renders a string template.
-pub fn render<S: serde::Serialize>(env: &Environment<'_>, text: &str, context: &S) -> Result<String, TemplateError> {
+pub fn render<S: serde::Serialize>(
+    env: &Environment<'_>,
+    text: &str,
+    context: &S,
+) -> Result<String, TemplateError> {
     if !is_template(text) {
         return Ok(text.to_string());
     }
@@ -94,8 +112,14 @@ pub fn render<S: serde::Serialize>(env: &Environment<'_>, text: &str, context: &
 }
 
 /// Evaluates an expression to a JSON value.
-pub fn eval<S: serde::Serialize>(env: &Environment<'_>, text: &str, context: &S) -> Result<Json, TemplateError> {
-    let expr = env.compile_expression(expr_text(text)).map_err(template_error)?;
+pub fn eval<S: serde::Serialize>(
+    env: &Environment<'_>,
+    text: &str,
+    context: &S,
+) -> Result<Json, TemplateError> {
+    let expr = env
+        .compile_expression(expr_text(text))
+        .map_err(template_error)?;
     let value = expr.eval(context).map_err(template_error)?;
     if value.is_undefined() {
         return Err(TemplateError {
@@ -110,14 +134,24 @@ pub fn eval<S: serde::Serialize>(env: &Environment<'_>, text: &str, context: &S)
 }
 
 /// Evaluates a `when:` condition with Jinja truthiness.
-pub fn eval_condition<S: serde::Serialize>(env: &Environment<'_>, text: &str, context: &S) -> Result<bool, TemplateError> {
-    let expr = env.compile_expression(expr_text(text)).map_err(template_error)?;
+pub fn eval_condition<S: serde::Serialize>(
+    env: &Environment<'_>,
+    text: &str,
+    context: &S,
+) -> Result<bool, TemplateError> {
+    let expr = env
+        .compile_expression(expr_text(text))
+        .map_err(template_error)?;
     let value = expr.eval(context).map_err(template_error)?;
     Ok(value.is_true())
 }
 
 /// Renders every string inside a JSON value (for `with:` arguments).
-pub fn render_json<S: serde::Serialize>(env: &Environment<'_>, value: &Json, context: &S) -> Result<Json, TemplateError> {
+pub fn render_json<S: serde::Serialize>(
+    env: &Environment<'_>,
+    value: &Json,
+    context: &S,
+) -> Result<Json, TemplateError> {
     Ok(match value {
         Json::String(s) => Json::String(render(env, s, context)?),
         Json::Array(items) => Json::Array(
@@ -143,17 +177,28 @@ mod tests {
     #[test]
     fn strict_undefined_is_an_error() {
         let env = environment(None);
-        let err = render(&env, "hi {{ inputs.nmae }}", &json!({"inputs": {"name": "x"}}));
+        let err = render(
+            &env,
+            "hi {{ inputs.nmae }}",
+            &json!({"inputs": {"name": "x"}}),
+        );
         assert!(err.is_err());
     }
 
     #[test]
     fn reports_variables_as_dotted_paths() {
         let env = environment(None);
-        let vars = check(&env, "{{ inputs.feature }} {{ tasks.design.output.files | join(',') }}", false)
-            .expect("parses");
+        let vars = check(
+            &env,
+            "{{ inputs.feature }} {{ tasks.design.output.files | join(',') }}",
+            false,
+        )
+        .expect("parses");
         assert!(vars.contains(&"inputs.feature".to_string()), "{vars:?}");
-        assert!(vars.iter().any(|v| v.starts_with("tasks.design")), "{vars:?}");
+        assert!(
+            vars.iter().any(|v| v.starts_with("tasks.design")),
+            "{vars:?}"
+        );
     }
 
     #[test]
@@ -162,6 +207,9 @@ mod tests {
         let ctx = json!({"tasks": {"qa": {"status": "succeeded"}}});
         assert!(eval_condition(&env, "{{ tasks.qa.status == 'succeeded' }}", &ctx).expect("eval"));
         assert!(!eval_condition(&env, "tasks.qa.status == 'failed'", &ctx).expect("eval"));
-        assert_eq!(eval(&env, "{{ [1, 2] }}", &ctx).expect("eval"), json!([1, 2]));
+        assert_eq!(
+            eval(&env, "{{ [1, 2] }}", &ctx).expect("eval"),
+            json!([1, 2])
+        );
     }
 }

@@ -138,24 +138,35 @@ pub fn home() -> PathBuf {
 impl Journal {
     pub fn open(home: &Path) -> Result<Journal, JournalError> {
         let path = home.join("helix.db");
-        let open_err = |message: String| JournalError::Open { path: path.clone(), message };
-        std::fs::create_dir_all(home).map_err(|e| open_err(format!("cannot create {}: {e}", home.display())))?;
+        let open_err = |message: String| JournalError::Open {
+            path: path.clone(),
+            message,
+        };
+        std::fs::create_dir_all(home)
+            .map_err(|e| open_err(format!("cannot create {}: {e}", home.display())))?;
         let conn = Connection::open(&path).map_err(|e| open_err(e.to_string()))?;
-        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| open_err(e.to_string()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(|e| open_err(e.to_string()))?;
         // WAL with synchronous=NORMAL: a commit survives a killed process (the OS has it);
         // only a power loss can drop the last transactions.
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(|e| open_err(format!("not a usable SQLite database: {e}")))?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(|e| open_err(e.to_string()))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| open_err(e.to_string()))?;
         let journal = Journal { conn, path };
         journal.migrate()?;
         Ok(journal)
     }
 
     fn migrate(&self) -> Result<(), JournalError> {
-        let version: i64 = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version > SCHEMA_VERSION {
-            return Err(JournalError::Newer { path: self.path.clone(), found: version });
+            return Err(JournalError::Newer {
+                path: self.path.clone(),
+                found: version,
+            });
         }
         if version == 0 {
             let foreign: i64 = self.conn.query_row(
@@ -164,11 +175,17 @@ impl Journal {
                 |r| r.get(0),
             )?;
             if foreign > 0 {
-                return Err(JournalError::Foreign { path: self.path.clone() });
+                return Err(JournalError::Foreign {
+                    path: self.path.clone(),
+                });
             }
             self.conn.execute_batch(SCHEMA)?;
-            self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('app', 'helix')", [])?;
-            self.conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            self.conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('app', 'helix')",
+                [],
+            )?;
+            self.conn
+                .pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         Ok(())
     }
@@ -202,17 +219,31 @@ impl Journal {
         let data = serde_json::to_string(event).unwrap_or_else(|_| "{}".into());
         match event {
             Event::RunStarted { run, ts, .. } => {
-                tx.prepare_cached("UPDATE runs SET status = 'running', pid = ?2, updated_ms = ?3 WHERE id = ?1")?
-                    .execute(params![run, std::process::id(), *ts as i64])?;
+                tx.prepare_cached(
+                    "UPDATE runs SET status = 'running', pid = ?2, updated_ms = ?3 WHERE id = ?1",
+                )?
+                .execute(params![run, std::process::id(), *ts as i64])?;
             }
-            Event::TaskStarted { run, ts, task, attempt, .. } => {
+            Event::TaskStarted {
+                run,
+                ts,
+                task,
+                attempt,
+                ..
+            } => {
                 tx.prepare_cached(
                     "INSERT INTO tasks (run, key, status, attempt, started_ms) VALUES (?1, ?2, 'running', ?3, ?4)
                      ON CONFLICT (run, key) DO UPDATE SET status = 'running', attempt = ?3, started_ms = ?4, error = NULL, reason = NULL",
                 )?
                 .execute(params![run, task, attempt, *ts as i64])?;
             }
-            Event::TaskRetrying { run, task, attempt, error, .. } => {
+            Event::TaskRetrying {
+                run,
+                task,
+                attempt,
+                error,
+                ..
+            } => {
                 tx.prepare_cached("UPDATE tasks SET status = 'retrying', attempt = ?3, error = ?4 WHERE run = ?1 AND key = ?2")?
                     .execute(params![run, task, attempt, error])?;
             }
@@ -223,7 +254,17 @@ impl Journal {
                 )?
                 .execute(params![run, task, *ts as i64])?;
             }
-            Event::TaskFinished { run, ts, task, status, attempt, duration_ms, output, error, reason } => {
+            Event::TaskFinished {
+                run,
+                ts,
+                task,
+                status,
+                attempt,
+                duration_ms,
+                output,
+                error,
+                reason,
+            } => {
                 let output = output.as_ref().map(|o| o.to_string());
                 tx.prepare_cached(
                     "INSERT INTO tasks (run, key, status, attempt, output, error, reason, finished_ms, duration_ms)
@@ -232,15 +273,23 @@ impl Journal {
                 )?
                 .execute(params![run, task, status, attempt, output, error, reason, *ts as i64, *duration_ms as i64])?;
             }
-            Event::RunFinished { run, ts, status, error, .. } => {
+            Event::RunFinished {
+                run,
+                ts,
+                status,
+                error,
+                ..
+            } => {
                 tx.prepare_cached("UPDATE runs SET status = ?2, error = ?3, updated_ms = ?4, finished_ms = ?4 WHERE id = ?1")?
                     .execute(params![run, status, error, *ts as i64])?;
             }
             Event::TaskExpanded { .. } => {}
         }
         let (run, ts) = event_run_ts(event);
-        tx.prepare_cached("INSERT INTO events (run, ts, kind, task, data) VALUES (?1, ?2, ?3, ?4, ?5)")?
-            .execute(params![run, ts as i64, event.kind(), event.task(), data])?;
+        tx.prepare_cached(
+            "INSERT INTO events (run, ts, kind, task, data) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![run, ts as i64, event.kind(), event.task(), data])?;
         tx.commit()?;
         Ok(())
     }
@@ -253,7 +302,14 @@ impl Journal {
         )?)
     }
 
-    pub fn append_log(&self, run: &str, task: &str, attempt: u32, stream: &str, text: &str) -> Result<(), JournalError> {
+    pub fn append_log(
+        &self,
+        run: &str,
+        task: &str,
+        attempt: u32,
+        stream: &str,
+        text: &str,
+    ) -> Result<(), JournalError> {
         if text.is_empty() {
             return Ok(());
         }
@@ -263,12 +319,18 @@ impl Journal {
         Ok(())
     }
 
-    pub fn logs(&self, run: &str, task: Option<&str>) -> Result<Vec<(String, u32, String, String)>, JournalError> {
+    pub fn logs(
+        &self,
+        run: &str,
+        task: Option<&str>,
+    ) -> Result<Vec<(String, u32, String, String)>, JournalError> {
         let mut stmt = self.conn.prepare(
             "SELECT task, attempt, stream, text FROM logs WHERE run = ?1 AND (?2 IS NULL OR task = ?2 OR task LIKE ?2 || '[%') ORDER BY rowid",
         )?;
         let rows = stmt
-            .query_map(params![run, task], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .query_map(params![run, task], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
@@ -284,11 +346,21 @@ impl Journal {
     pub fn approval(&self, run: &str, task: &str) -> Result<Option<bool>, JournalError> {
         Ok(self
             .conn
-            .query_row("SELECT approved FROM approvals WHERE run = ?1 AND task = ?2", params![run, task], |r| r.get(0))
+            .query_row(
+                "SELECT approved FROM approvals WHERE run = ?1 AND task = ?2",
+                params![run, task],
+                |r| r.get(0),
+            )
             .optional()?)
     }
 
-    pub fn scratch_set(&self, run: &str, task: &str, key: &str, value: &Json) -> Result<(), JournalError> {
+    pub fn scratch_set(
+        &self,
+        run: &str,
+        task: &str,
+        key: &str,
+        value: &Json,
+    ) -> Result<(), JournalError> {
         self.conn.execute(
             "INSERT OR REPLACE INTO scratch (run, task, key, value) VALUES (?1, ?2, ?3, ?4)",
             params![run, task, key, value.to_string()],
@@ -296,16 +368,32 @@ impl Journal {
         Ok(())
     }
 
-    pub fn scratch_get(&self, run: &str, task: &str, key: &str) -> Result<Option<Json>, JournalError> {
+    pub fn scratch_get(
+        &self,
+        run: &str,
+        task: &str,
+        key: &str,
+    ) -> Result<Option<Json>, JournalError> {
         let text: Option<String> = self
             .conn
-            .query_row("SELECT value FROM scratch WHERE run = ?1 AND task = ?2 AND key = ?3", params![run, task, key], |r| r.get(0))
+            .query_row(
+                "SELECT value FROM scratch WHERE run = ?1 AND task = ?2 AND key = ?3",
+                params![run, task, key],
+                |r| r.get(0),
+            )
             .optional()?;
         Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
     }
 
     pub fn run(&self, id: &str) -> Result<Option<RunRecord>, JournalError> {
-        Ok(self.conn.query_row(&format!("{RUN_COLUMNS} WHERE id = ?1"), params![id], run_from_row).optional()?)
+        Ok(self
+            .conn
+            .query_row(
+                &format!("{RUN_COLUMNS} WHERE id = ?1"),
+                params![id],
+                run_from_row,
+            )
+            .optional()?)
     }
 
     /// Finds a run by id or unique id prefix; `latest` / `last` name the newest top-level run.
@@ -319,14 +407,26 @@ impl Journal {
         if let Some(r) = self.run(id)? {
             return Ok(Some(r));
         }
-        let mut stmt = self.conn.prepare(&format!("{RUN_COLUMNS} WHERE id LIKE ?1 || '%' LIMIT 2"))?;
-        let rows = stmt.query_map(params![id], run_from_row)?.collect::<Result<Vec<_>, _>>()?;
-        Ok(if rows.len() == 1 { rows.into_iter().next() } else { None })
+        let mut stmt = self
+            .conn
+            .prepare(&format!("{RUN_COLUMNS} WHERE id LIKE ?1 || '%' LIMIT 2"))?;
+        let rows = stmt
+            .query_map(params![id], run_from_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(if rows.len() == 1 {
+            rows.into_iter().next()
+        } else {
+            None
+        })
     }
 
     pub fn runs(&self, limit: usize) -> Result<Vec<RunRecord>, JournalError> {
-        let mut stmt = self.conn.prepare(&format!("{RUN_COLUMNS} WHERE parent IS NULL ORDER BY created_ms DESC, id DESC LIMIT ?1"))?;
-        let rows = stmt.query_map(params![limit as i64], run_from_row)?.collect::<Result<Vec<_>, _>>()?;
+        let mut stmt = self.conn.prepare(&format!(
+            "{RUN_COLUMNS} WHERE parent IS NULL ORDER BY created_ms DESC, id DESC LIMIT ?1"
+        ))?;
+        let rows = stmt
+            .query_map(params![limit as i64], run_from_row)?
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
 
@@ -352,7 +452,9 @@ impl Journal {
     }
 
     pub fn events(&self, run: &str) -> Result<Vec<Json>, JournalError> {
-        let mut stmt = self.conn.prepare("SELECT data FROM events WHERE run = ?1 ORDER BY seq")?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT data FROM events WHERE run = ?1 ORDER BY seq")?;
         let rows = stmt
             .query_map(params![run], |r| r.get::<_, String>(0))?
             .filter_map(|r| r.ok())
@@ -363,14 +465,20 @@ impl Journal {
 
     /// Deletes finished runs beyond the newest `keep`, or older than `keep_days`, with
     /// their sub-workflow runs. Active runs are never pruned.
-    pub fn prune(&mut self, keep: Option<usize>, keep_days: Option<u32>) -> Result<usize, JournalError> {
+    pub fn prune(
+        &mut self,
+        keep: Option<usize>,
+        keep_days: Option<u32>,
+    ) -> Result<usize, JournalError> {
         let mut doomed: Vec<String> = Vec::new();
         {
             let mut stmt = self.conn.prepare(
                 "SELECT id, created_ms FROM runs WHERE parent IS NULL AND status IN ('succeeded', 'failed', 'interrupted', 'cancelled')
                  ORDER BY created_ms DESC, id DESC",
             )?;
-            let rows: Vec<(String, i64)> = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+            let rows: Vec<(String, i64)> = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
             let cutoff = keep_days.map(|d| now_ms() as i64 - i64::from(d) * 86_400_000);
             for (i, (id, created)) in rows.into_iter().enumerate() {
                 let over_count = keep.is_some_and(|k| i >= k);
@@ -383,9 +491,15 @@ impl Journal {
         let tx = self.conn.transaction()?;
         for id in &doomed {
             for table in ["events", "logs", "tasks", "scratch", "approvals"] {
-                tx.execute(&format!("DELETE FROM {table} WHERE run = ?1 OR run LIKE ?1 || '.%'"), params![id])?;
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE run = ?1 OR run LIKE ?1 || '.%'"),
+                    params![id],
+                )?;
             }
-            tx.execute("DELETE FROM runs WHERE id = ?1 OR id LIKE ?1 || '.%'", params![id])?;
+            tx.execute(
+                "DELETE FROM runs WHERE id = ?1 OR id LIKE ?1 || '.%'",
+                params![id],
+            )?;
         }
         tx.commit()?;
         Ok(doomed.len())
@@ -441,12 +555,15 @@ mod tests {
     fn a_foreign_database_is_refused_not_changed() {
         let dir = tempfile::tempdir().expect("tempdir");
         let conn = Connection::open(dir.path().join("helix.db")).expect("open");
-        conn.execute_batch("CREATE TABLE accounts (id INTEGER); INSERT INTO accounts VALUES (7);").expect("seed");
+        conn.execute_batch("CREATE TABLE accounts (id INTEGER); INSERT INTO accounts VALUES (7);")
+            .expect("seed");
         drop(conn);
         let err = Journal::open(dir.path()).err().expect("refused");
         assert!(err.to_string().contains("not a helix database"), "{err}");
         let conn = Connection::open(dir.path().join("helix.db")).expect("reopen");
-        let n: i64 = conn.query_row("SELECT count(*) FROM accounts", [], |r| r.get(0)).expect("still there");
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM accounts", [], |r| r.get(0))
+            .expect("still there");
         assert_eq!(n, 1);
     }
 
@@ -455,9 +572,23 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut j = Journal::open(dir.path()).expect("open");
         let inputs = serde_json::json!({});
-        j.create_run(&NewRun { id: "r1", parent: None, workflow_path: "w.yaml", workflow_name: "w", workflow_hash: "h", inputs: &inputs })
-            .expect("run");
-        j.record(&Event::TaskStarted { run: "r1".into(), ts: 1, task: "a".into(), kind: "script".into(), attempt: 1 }).expect("start");
+        j.create_run(&NewRun {
+            id: "r1",
+            parent: None,
+            workflow_path: "w.yaml",
+            workflow_name: "w",
+            workflow_hash: "h",
+            inputs: &inputs,
+        })
+        .expect("run");
+        j.record(&Event::TaskStarted {
+            run: "r1".into(),
+            ts: 1,
+            task: "a".into(),
+            kind: "script".into(),
+            attempt: 1,
+        })
+        .expect("start");
         j.record(&Event::TaskFinished {
             run: "r1".into(),
             ts: 2,

@@ -37,14 +37,33 @@ fn short_error(e: &str) -> String {
 }
 
 /// A line that describes a finished task, shared by the terminal and plain modes.
-fn finished_line(task: &str, status: &str, attempt: u32, duration_ms: u64, error: Option<&str>, reason: Option<&str>) -> String {
+fn finished_line(
+    task: &str,
+    status: &str,
+    attempt: u32,
+    duration_ms: u64,
+    error: Option<&str>,
+    reason: Option<&str>,
+) -> String {
     let took = human_duration(Duration::from_millis(duration_ms));
-    let attempts = if attempt > 1 { format!(", attempt {attempt}") } else { String::new() };
+    let attempts = if attempt > 1 {
+        format!(", attempt {attempt}")
+    } else {
+        String::new()
+    };
     match status {
-        "succeeded" if reason == Some("restored from the journal") => format!("✓ {task} (restored)"),
+        "succeeded" if reason == Some("restored from the journal") => {
+            format!("✓ {task} (restored)")
+        }
         "succeeded" => format!("✓ {task} ({took}{attempts})"),
-        "failed" => format!("✗ {task} ({took}{attempts}): {}", short_error(error.or(reason).unwrap_or("failed"))),
-        "skipped" => format!("○ {task} skipped{}", reason.map(|r| format!(": {r}")).unwrap_or_default()),
+        "failed" => format!(
+            "✗ {task} ({took}{attempts}): {}",
+            short_error(error.or(reason).unwrap_or("failed"))
+        ),
+        "skipped" => format!(
+            "○ {task} skipped{}",
+            reason.map(|r| format!(": {r}")).unwrap_or_default()
+        ),
         other => format!("· {task} {other}"),
     }
 }
@@ -67,7 +86,11 @@ pub struct PlainSink {
 
 impl PlainSink {
     fn line(&mut self, text: &str) {
-        let t = self.start.get_or_insert_with(Instant::now).elapsed().as_secs_f64();
+        let t = self
+            .start
+            .get_or_insert_with(Instant::now)
+            .elapsed()
+            .as_secs_f64();
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "[{t:7.2}s] {text}");
     }
@@ -76,22 +99,61 @@ impl PlainSink {
 impl EventSink for PlainSink {
     fn emit(&mut self, event: &Event) {
         match event {
-            Event::RunStarted { run, name, resumed, .. } => {
+            Event::RunStarted {
+                run, name, resumed, ..
+            } => {
                 let verb = if *resumed { "resuming" } else { "run" };
                 self.line(&format!("{verb} {run} ({name})"));
             }
-            Event::TaskStarted { task, attempt, kind, .. } => {
-                let a = if *attempt > 1 { format!(" (attempt {attempt})") } else { String::new() };
+            Event::TaskStarted {
+                task,
+                attempt,
+                kind,
+                ..
+            } => {
+                let a = if *attempt > 1 {
+                    format!(" (attempt {attempt})")
+                } else {
+                    String::new()
+                };
                 self.line(&format!("▶ {task} [{kind}]{a}"));
             }
-            Event::TaskRetrying { task, attempt, delay_ms, error, .. } => {
+            Event::TaskRetrying {
+                task,
+                attempt,
+                delay_ms,
+                error,
+                ..
+            } => {
                 let d = human_duration(Duration::from_millis(*delay_ms));
-                self.line(&format!("↻ {task}: {} — attempt {attempt} in {d}", short_error(error)));
+                self.line(&format!(
+                    "↻ {task}: {} — attempt {attempt} in {d}",
+                    short_error(error)
+                ));
             }
-            Event::TaskExpanded { task, items, .. } => self.line(&format!("⑂ {task}: {items} items")),
-            Event::ApprovalRequested { task, message, .. } => self.line(&format!("? {task} awaits approval: {message}")),
-            Event::TaskFinished { task, status, attempt, duration_ms, error, reason, .. } => {
-                let line = finished_line(task, status, *attempt, *duration_ms, error.as_deref(), reason.as_deref());
+            Event::TaskExpanded { task, items, .. } => {
+                self.line(&format!("⑂ {task}: {items} items"))
+            }
+            Event::ApprovalRequested { task, message, .. } => {
+                self.line(&format!("? {task} awaits approval: {message}"))
+            }
+            Event::TaskFinished {
+                task,
+                status,
+                attempt,
+                duration_ms,
+                error,
+                reason,
+                ..
+            } => {
+                let line = finished_line(
+                    task,
+                    status,
+                    *attempt,
+                    *duration_ms,
+                    error.as_deref(),
+                    reason.as_deref(),
+                );
                 self.line(&line);
             }
             Event::RunFinished { .. } => {}
@@ -112,15 +174,23 @@ impl TtySink {
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(12));
         let overall = multi.add(ProgressBar::new(0));
         overall.set_style(
-            ProgressStyle::with_template("{spinner:.cyan} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} tasks {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{spinner:.cyan} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} tasks {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         overall.enable_steady_tick(Duration::from_millis(120));
-        TtySink { multi, overall, running: HashMap::new(), total: 0 }
+        TtySink {
+            multi,
+            overall,
+            running: HashMap::new(),
+            total: 0,
+        }
     }
 
     fn task_style() -> ProgressStyle {
-        ProgressStyle::with_template("  {spinner:.green} {prefix:.bold} {elapsed:>4} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner())
+        ProgressStyle::with_template("  {spinner:.green} {prefix:.bold} {elapsed:>4} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner())
     }
 
     fn done(&mut self, task: &str) {
@@ -140,13 +210,24 @@ impl Default for TtySink {
 impl EventSink for TtySink {
     fn emit(&mut self, event: &Event) {
         match event {
-            Event::RunStarted { run, name, tasks, resumed, .. } => {
+            Event::RunStarted {
+                run,
+                name,
+                tasks,
+                resumed,
+                ..
+            } => {
                 self.total = *tasks as u64;
                 self.overall.set_length(self.total);
                 let verb = if *resumed { "resuming" } else { "running" };
                 self.overall.set_message(format!("{verb} {name} · {run}"));
             }
-            Event::TaskStarted { task, attempt, kind, .. } => {
+            Event::TaskStarted {
+                task,
+                attempt,
+                kind,
+                ..
+            } => {
                 let bar = self.running.entry(task.clone()).or_insert_with(|| {
                     let bar = self.multi.add(ProgressBar::new_spinner());
                     bar.set_style(Self::task_style());
@@ -154,10 +235,20 @@ impl EventSink for TtySink {
                     bar.set_prefix(task.clone());
                     bar
                 });
-                let a = if *attempt > 1 { format!("attempt {attempt}") } else { String::new() };
+                let a = if *attempt > 1 {
+                    format!("attempt {attempt}")
+                } else {
+                    String::new()
+                };
                 bar.set_message(format!("{kind} {a}"));
             }
-            Event::TaskRetrying { task, attempt, delay_ms, error, .. } => {
+            Event::TaskRetrying {
+                task,
+                attempt,
+                delay_ms,
+                error,
+                ..
+            } => {
                 if let Some(bar) = self.running.get(task) {
                     let d = human_duration(Duration::from_millis(*delay_ms));
                     bar.set_message(format!("retry {attempt} in {d}: {}", short_error(error)));
@@ -169,12 +260,29 @@ impl EventSink for TtySink {
             }
             Event::ApprovalRequested { task, message, .. } => {
                 self.done(task);
-                let _ = self.multi.println(format!("? {task} awaits approval: {message}"));
+                let _ = self
+                    .multi
+                    .println(format!("? {task} awaits approval: {message}"));
             }
-            Event::TaskFinished { task, status, attempt, duration_ms, error, reason, .. } => {
+            Event::TaskFinished {
+                task,
+                status,
+                attempt,
+                duration_ms,
+                error,
+                reason,
+                ..
+            } => {
                 self.done(task);
                 self.overall.inc(1);
-                let line = finished_line(task, status, *attempt, *duration_ms, error.as_deref(), reason.as_deref());
+                let line = finished_line(
+                    task,
+                    status,
+                    *attempt,
+                    *duration_ms,
+                    error.as_deref(),
+                    reason.as_deref(),
+                );
                 let _ = self.multi.println(line);
             }
             Event::RunFinished { .. } => {}

@@ -13,7 +13,9 @@ pub use validate::{load, resolve_inputs};
 pub fn cron_check(expr: &str) -> Result<(), String> {
     let fields = expr.split_whitespace().count();
     if !(5..=6).contains(&fields) {
-        return Err(format!("expected 5 fields (or 6 with seconds), found {fields}"));
+        return Err(format!(
+            "expected 5 fields (or 6 with seconds), found {fields}"
+        ));
     }
     croner::Cron::new(expr)
         .with_seconds_optional()

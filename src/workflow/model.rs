@@ -101,7 +101,11 @@ impl InputType {
         let expected = || format!("expected {}, got `{text}`", self.name());
         match self {
             InputType::String => Ok(Json::String(text.to_string())),
-            InputType::Integer => text.trim().parse::<i64>().map(Json::from).map_err(|_| expected()),
+            InputType::Integer => text
+                .trim()
+                .parse::<i64>()
+                .map(Json::from)
+                .map_err(|_| expected()),
             InputType::Number => text
                 .trim()
                 .parse::<f64>()
@@ -212,7 +216,14 @@ pub enum ErrorClass {
 
 impl ErrorClass {
     pub const NAMES: &'static [&'static str] = &[
-        "any", "timeout", "exit_code", "script", "tool", "workflow", "agent", "output",
+        "any",
+        "timeout",
+        "exit_code",
+        "script",
+        "tool",
+        "workflow",
+        "agent",
+        "output",
     ];
 
     pub fn parse(name: &str) -> Option<Vec<ErrorClass>> {
@@ -269,7 +280,10 @@ impl Retry {
     /// Exponential backoff before attempt `next_attempt` (2 = first retry), with ±25% jitter.
     pub fn delay_before(&self, next_attempt: u32, jitter_unit: f64) -> Duration {
         let exponent = next_attempt.saturating_sub(2).min(30);
-        let base = self.backoff.saturating_mul(1u32 << exponent).min(self.max_backoff);
+        let base = self
+            .backoff
+            .saturating_mul(1u32 << exponent)
+            .min(self.max_backoff);
         if self.jitter {
             base.mul_f64(0.75 + 0.5 * jitter_unit.clamp(0.0, 1.0))
         } else {
@@ -293,12 +307,28 @@ pub struct OutputSpec {
 
 #[derive(Debug, Clone)]
 pub enum TaskKind {
-    Agent { agent: String, prompt: String },
-    Run { command: String, env: IndexMap<String, String> },
-    Script { source: ScriptSource },
-    Tool { tool: String, with: Json },
-    Workflow { path: PathBuf, with: IndexMap<String, Json> },
-    Approve { message: String },
+    Agent {
+        agent: String,
+        prompt: String,
+    },
+    Run {
+        command: String,
+        env: IndexMap<String, String>,
+    },
+    Script {
+        source: ScriptSource,
+    },
+    Tool {
+        tool: String,
+        with: Json,
+    },
+    Workflow {
+        path: PathBuf,
+        with: IndexMap<String, Json>,
+    },
+    Approve {
+        message: String,
+    },
     Group,
 }
 

@@ -34,11 +34,21 @@ pub struct Key {
 }
 
 const fn key(name: &'static str, ty: Ty, doc: &'static str) -> Key {
-    Key { name, ty, required: false, doc }
+    Key {
+        name,
+        ty,
+        required: false,
+        doc,
+    }
 }
 
 const fn required(name: &'static str, ty: Ty, doc: &'static str) -> Key {
-    Key { name, ty, required: true, doc }
+    Key {
+        name,
+        ty,
+        required: true,
+        doc,
+    }
 }
 
 pub const TOP_KEYS: &[Key] = &[
@@ -61,22 +71,46 @@ pub const TOP_KEYS: &[Key] = &[
 ];
 
 pub const INPUT_KEYS: &[Key] = &[
-    key("type", Ty::Enum(&["string", "integer", "number", "boolean", "list", "object"]), "Value type (default string)."),
-    key("default", Ty::Any, "Value when not given; an input without a default is required."),
+    key(
+        "type",
+        Ty::Enum(&["string", "integer", "number", "boolean", "list", "object"]),
+        "Value type (default string).",
+    ),
+    key(
+        "default",
+        Ty::Any,
+        "Value when not given; an input without a default is required.",
+    ),
     key("enum", Ty::OneOf(&[]), "Allowed values."),
     key("description", Ty::Str, "Shown by `helix plan`."),
 ];
 
 pub const MODEL_KEYS: &[Key] = &[
-    required("provider", Ty::Enum(&["openai", "anthropic", "ollama", "scripted", "replay"]), "Wire format / source of replies."),
+    required(
+        "provider",
+        Ty::Enum(&["openai", "anthropic", "ollama", "scripted", "replay"]),
+        "Wire format / source of replies.",
+    ),
     key("model", Ty::Str, "Model name at the provider."),
     key("base_url", Ty::Str, "Endpoint override."),
-    key("api_key_env", Ty::Str, "Environment variable holding the API key."),
+    key(
+        "api_key_env",
+        Ty::Str,
+        "Environment variable holding the API key.",
+    ),
     key("temperature", Ty::Num, "Sampling temperature."),
     key("max_tokens", Ty::PosInt, "Maximum tokens per reply."),
     key("timeout", Ty::Duration, "Request timeout."),
-    key("file", Ty::Str, "Replies file (scripted) or cassette (replay)."),
-    key("price", Ty::Object(PRICE_KEYS), "USD per million tokens, for cost accounting."),
+    key(
+        "file",
+        Ty::Str,
+        "Replies file (scripted) or cassette (replay).",
+    ),
+    key(
+        "price",
+        Ty::Object(PRICE_KEYS),
+        "USD per million tokens, for cost accounting.",
+    ),
 ];
 
 pub const PRICE_KEYS: &[Key] = &[
@@ -87,23 +121,51 @@ pub const PRICE_KEYS: &[Key] = &[
 pub const AGENT_KEYS: &[Key] = &[
     key("role", Ty::Template, "The role the agent plays."),
     key("goal", Ty::Template, "What the agent aims for."),
-    key("backstory", Ty::Template, "Extra context for the system prompt."),
-    key("prompt", Ty::Str, "System prompt template: inline text or a file path (.j2, .jinja, .md, .txt)."),
+    key(
+        "backstory",
+        Ty::Template,
+        "Extra context for the system prompt.",
+    ),
+    key(
+        "prompt",
+        Ty::Str,
+        "System prompt template: inline text or a file path (.j2, .jinja, .md, .txt).",
+    ),
     key("tools", Ty::StrList, "Tools the agent may call."),
-    key("model", Ty::Str, "Name under `models:` (default: `default`)."),
-    key("max_turns", Ty::PosInt, "Maximum LLM calls per task (default 10)."),
+    key(
+        "model",
+        Ty::Str,
+        "Name under `models:` (default: `default`).",
+    ),
+    key(
+        "max_turns",
+        Ty::PosInt,
+        "Maximum LLM calls per task (default 10).",
+    ),
     key("script", Ty::Str, "A custom agent written in Lua (.lua)."),
     key("description", Ty::Str, "What the agent does."),
 ];
 
 pub const TOOL_KEYS: &[Key] = &[
-    required("script", Ty::Str, "Lua (.lua) or Rhai (.rhai) file implementing the tool."),
+    required(
+        "script",
+        Ty::Str,
+        "Lua (.lua) or Rhai (.rhai) file implementing the tool.",
+    ),
     key("description", Ty::Str, "Shown to the model."),
-    key("params", Ty::MapOf(&Ty::Object(PARAM_KEYS)), "Arguments the tool takes."),
+    key(
+        "params",
+        Ty::MapOf(&Ty::Object(PARAM_KEYS)),
+        "Arguments the tool takes.",
+    ),
 ];
 
 pub const PARAM_KEYS: &[Key] = &[
-    key("type", Ty::Enum(&["string", "integer", "number", "boolean", "list", "object"]), "Argument type."),
+    key(
+        "type",
+        Ty::Enum(&["string", "integer", "number", "boolean", "list", "object"]),
+        "Argument type.",
+    ),
     key("default", Ty::Any, "Value when omitted."),
     key("enum", Ty::OneOf(&[]), "Allowed values."),
     key("description", Ty::Str, "Shown to the model."),
@@ -111,17 +173,33 @@ pub const PARAM_KEYS: &[Key] = &[
 
 pub const SANDBOX_KEYS: &[Key] = &[
     key("image", Ty::Str, "Container image."),
-    key("network", Ty::Enum(&["none", "bridge", "host"]), "Network access (default none)."),
+    key(
+        "network",
+        Ty::Enum(&["none", "bridge", "host"]),
+        "Network access (default none).",
+    ),
     key("memory", Ty::Size, "Memory limit, e.g. 512MiB."),
     key("cpus", Ty::Num, "CPU limit."),
     key("pids", Ty::PosInt, "Process limit."),
     key("timeout", Ty::Duration, "Default timeout per command."),
     key("user", Ty::Str, "User in the container."),
-    key("read_only", Ty::Bool, "Read-only root filesystem (default true)."),
+    key(
+        "read_only",
+        Ty::Bool,
+        "Read-only root filesystem (default true).",
+    ),
     key("env", Ty::MapOf(&Ty::Str), "Environment variables."),
-    key("mounts", Ty::StrList, "Extra read-only mounts (host:container)."),
+    key(
+        "mounts",
+        Ty::StrList,
+        "Extra read-only mounts (host:container).",
+    ),
     key("runtime", Ty::Str, "Container runtime, e.g. runsc."),
-    key("output_limit", Ty::Size, "Bytes of stdout/stderr kept per command (default 1MiB)."),
+    key(
+        "output_limit",
+        Ty::Size,
+        "Bytes of stdout/stderr kept per command (default 1MiB).",
+    ),
 ];
 
 pub const BUDGET_KEYS: &[Key] = &[
@@ -131,19 +209,47 @@ pub const BUDGET_KEYS: &[Key] = &[
 ];
 
 pub const SCHEDULE_KEYS: &[Key] = &[
-    required("cron", Ty::Str, "Cron expression (5 fields, or 6 with seconds)."),
-    key("overlap", Ty::Enum(&["skip", "queue", "allow"]), "What to do when the previous run is still going."),
-    key("catchup", Ty::Enum(&["none", "latest", "all"]), "Missed runs to make up."),
+    required(
+        "cron",
+        Ty::Str,
+        "Cron expression (5 fields, or 6 with seconds).",
+    ),
+    key(
+        "overlap",
+        Ty::Enum(&["skip", "queue", "allow"]),
+        "What to do when the previous run is still going.",
+    ),
+    key(
+        "catchup",
+        Ty::Enum(&["none", "latest", "all"]),
+        "Missed runs to make up.",
+    ),
 ];
 
 pub const HISTORY_KEYS: &[Key] = &[
-    key("keep_days", Ty::PosInt, "Delete finished runs older than this."),
-    key("keep_runs", Ty::PosInt, "Keep at most this many finished runs."),
+    key(
+        "keep_days",
+        Ty::PosInt,
+        "Delete finished runs older than this.",
+    ),
+    key(
+        "keep_runs",
+        Ty::PosInt,
+        "Keep at most this many finished runs.",
+    ),
 ];
 
 pub const MEMORY_KEYS: &[Key] = &[
-    key("recall", Ty::Object(RECALL_KEYS), "Memories put into agent prompts."),
-    key("synthesize", Ty::Bool, "Store a lesson after each agent task."),
+    key(
+        "recall",
+        Ty::Object(RECALL_KEYS),
+        "Memories put into agent prompts.",
+    ),
+    key(
+        "synthesize",
+        Ty::Bool,
+        "Store a lesson after each agent task.",
+    ),
     key("embedder", Ty::Str, "Embedder name."),
 ];
 
@@ -154,11 +260,27 @@ pub const RECALL_KEYS: &[Key] = &[
 ];
 
 pub const RETRY_KEYS: &[Key] = &[
-    key("attempts", Ty::PosInt, "Total attempts, the first included."),
-    key("backoff", Ty::Duration, "Delay before the first retry; doubles each time."),
+    key(
+        "attempts",
+        Ty::PosInt,
+        "Total attempts, the first included.",
+    ),
+    key(
+        "backoff",
+        Ty::Duration,
+        "Delay before the first retry; doubles each time.",
+    ),
     key("max_backoff", Ty::Duration, "Upper bound of the delay."),
-    key("jitter", Ty::Bool, "Randomize delays by ±25% (default true)."),
-    key("on", Ty::StrList, "Error classes retried: any, timeout, exit_code, script, tool, workflow, agent, output."),
+    key(
+        "jitter",
+        Ty::Bool,
+        "Randomize delays by ±25% (default true).",
+    ),
+    key(
+        "on",
+        Ty::StrList,
+        "Error classes retried: any, timeout, exit_code, script, tool, workflow, agent, output.",
+    ),
 ];
 
 pub const OUTPUT_KEYS: &[Key] = &[
@@ -167,38 +289,119 @@ pub const OUTPUT_KEYS: &[Key] = &[
 ];
 
 /// The keys that make a task what it is; exactly one per task.
-pub const KIND_KEYS: &[&str] = &["agent", "run", "script", "tool", "workflow", "approve", "tasks"];
+pub const KIND_KEYS: &[&str] = &[
+    "agent", "run", "script", "tool", "workflow", "approve", "tasks",
+];
 
 pub const TASK_KEYS: &[Key] = &[
-    key("agent", Ty::Str, "Kind: an agent (from `agents:`) works on `prompt`."),
-    key("run", Ty::Template, "Kind: a shell command run in the sandbox."),
-    key("script", Ty::Str, "Kind: inline Rhai/Lua code, or a .rhai/.lua file, returning the output."),
-    key("tool", Ty::Str, "Kind: call one tool with `with:` arguments."),
-    key("workflow", Ty::Str, "Kind: run a sub-workflow file with `with:` inputs."),
-    key("approve", Ty::Template, "Kind: a human gate with this question."),
-    key("tasks", Ty::Tasks, "Kind: a group of child tasks; succeeds when they all do."),
+    key(
+        "agent",
+        Ty::Str,
+        "Kind: an agent (from `agents:`) works on `prompt`.",
+    ),
+    key(
+        "run",
+        Ty::Template,
+        "Kind: a shell command run in the sandbox.",
+    ),
+    key(
+        "script",
+        Ty::Str,
+        "Kind: inline Rhai/Lua code, or a .rhai/.lua file, returning the output.",
+    ),
+    key(
+        "tool",
+        Ty::Str,
+        "Kind: call one tool with `with:` arguments.",
+    ),
+    key(
+        "workflow",
+        Ty::Str,
+        "Kind: run a sub-workflow file with `with:` inputs.",
+    ),
+    key(
+        "approve",
+        Ty::Template,
+        "Kind: a human gate with this question.",
+    ),
+    key(
+        "tasks",
+        Ty::Tasks,
+        "Kind: a group of child tasks; succeeds when they all do.",
+    ),
     key("description", Ty::Str, "What the task is for."),
     key("prompt", Ty::Template, "Agent tasks: the request."),
-    key("lang", Ty::Enum(&["rhai", "lua"]), "Script tasks: language of inline code (default rhai)."),
-    key("with", Ty::MapOf(&Ty::Any), "Tool and workflow tasks: arguments; strings are templates."),
-    key("env", Ty::MapOf(&Ty::Template), "Run tasks: environment variables."),
-    key("needs", Ty::OneOf(&[Ty::Str, Ty::StrList]), "Tasks that must finish first."),
-    key("when", Ty::Expr, "Run only when this expression is true; otherwise skipped."),
-    key("for_each", Ty::Expr, "Fan out over this list; each child sees `item`."),
-    key("max_parallel", Ty::PosInt, "Fan-out children running at once."),
-    key("retry", Ty::OneOf(&[Ty::PosInt, Ty::Object(RETRY_KEYS)]), "Attempts and backoff."),
+    key(
+        "lang",
+        Ty::Enum(&["rhai", "lua"]),
+        "Script tasks: language of inline code (default rhai).",
+    ),
+    key(
+        "with",
+        Ty::MapOf(&Ty::Any),
+        "Tool and workflow tasks: arguments; strings are templates.",
+    ),
+    key(
+        "env",
+        Ty::MapOf(&Ty::Template),
+        "Run tasks: environment variables.",
+    ),
+    key(
+        "needs",
+        Ty::OneOf(&[Ty::Str, Ty::StrList]),
+        "Tasks that must finish first.",
+    ),
+    key(
+        "when",
+        Ty::Expr,
+        "Run only when this expression is true; otherwise skipped.",
+    ),
+    key(
+        "for_each",
+        Ty::Expr,
+        "Fan out over this list; each child sees `item`.",
+    ),
+    key(
+        "max_parallel",
+        Ty::PosInt,
+        "Fan-out children running at once.",
+    ),
+    key(
+        "retry",
+        Ty::OneOf(&[Ty::PosInt, Ty::Object(RETRY_KEYS)]),
+        "Attempts and backoff.",
+    ),
     key("timeout", Ty::Duration, "Per-attempt time limit."),
-    key("continue_on_error", Ty::Bool, "A failure does not fail the run or stop dependents."),
-    key("concurrency", Ty::Str, "A named limit from the top-level `concurrency:`."),
-    key("output", Ty::Object(OUTPUT_KEYS), "How the output is extracted and checked."),
-    key("sandbox", Ty::OneOf(&[Ty::Enum(&["host"]), Ty::Object(SANDBOX_KEYS)]), "Sandbox override for this task."),
+    key(
+        "continue_on_error",
+        Ty::Bool,
+        "A failure does not fail the run or stop dependents.",
+    ),
+    key(
+        "concurrency",
+        Ty::Str,
+        "A named limit from the top-level `concurrency:`.",
+    ),
+    key(
+        "output",
+        Ty::Object(OUTPUT_KEYS),
+        "How the output is extracted and checked.",
+    ),
+    key(
+        "sandbox",
+        Ty::OneOf(&[Ty::Enum(&["host"]), Ty::Object(SANDBOX_KEYS)]),
+        "Sandbox override for this task.",
+    ),
 ];
 
 /// The JSON Schema of the workflow format, generated from the tables above.
 pub fn json_schema() -> Json {
     let mut schema = object_schema(TOP_KEYS);
     if let Json::Object(m) = &mut schema {
-        m.insert("$schema".into(), json!("https://json-schema.org/draft/2020-12/schema"));
+        m.insert(
+            "$schema".into(),
+            json!("https://json-schema.org/draft/2020-12/schema"),
+        );
         m.insert("title".into(), json!("helix workflow"));
         m.insert("$defs".into(), json!({ "task": object_schema(TASK_KEYS) }));
     }
@@ -231,16 +434,24 @@ fn ty_schema(ty: Ty) -> Json {
         Ty::Bool => json!({ "type": "boolean" }),
         Ty::PosInt => json!({ "type": "integer", "minimum": 1 }),
         Ty::Num => json!({ "type": "number" }),
-        Ty::Duration => json!({ "type": ["string", "number"], "pattern": "^([0-9.]+(ms|s|m|h|d)?)+$" }),
-        Ty::Size => json!({ "type": ["string", "integer"], "pattern": "^[0-9.]+ *([KMGT]i?B?|[kmgt]i?b?|B)?$" }),
+        Ty::Duration => {
+            json!({ "type": ["string", "number"], "pattern": "^([0-9.]+(ms|s|m|h|d)?)+$" })
+        }
+        Ty::Size => {
+            json!({ "type": ["string", "integer"], "pattern": "^[0-9.]+ *([KMGT]i?B?|[kmgt]i?b?|B)?$" })
+        }
         Ty::StrList => json!({ "type": "array", "items": { "type": "string" } }),
         Ty::Any => json!({}),
         Ty::Enum(values) => json!({ "enum": values }),
         Ty::Object(keys) => object_schema(keys),
         Ty::MapOf(inner) => json!({ "type": "object", "additionalProperties": ty_schema(*inner) }),
         Ty::OneOf([]) => json!({ "type": "array" }),
-        Ty::OneOf(options) => json!({ "anyOf": options.iter().map(|t| ty_schema(*t)).collect::<Vec<_>>() }),
-        Ty::Tasks => json!({ "type": "object", "additionalProperties": { "$ref": "#/$defs/task" } }),
+        Ty::OneOf(options) => {
+            json!({ "anyOf": options.iter().map(|t| ty_schema(*t)).collect::<Vec<_>>() })
+        }
+        Ty::Tasks => {
+            json!({ "type": "object", "additionalProperties": { "$ref": "#/$defs/task" } })
+        }
     }
 }
 

@@ -40,7 +40,13 @@ fn load_nested(path: &Path, stack: &mut Vec<PathBuf>) -> Result<Workflow, Report
     };
     let dir = path
         .parent()
-        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
         .unwrap_or(Path::new("."))
         .to_path_buf();
     let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
@@ -64,9 +70,13 @@ fn load_nested(path: &Path, stack: &mut Vec<PathBuf>) -> Result<Workflow, Report
 /// Reads a file as UTF-8 text, with a clear error for missing, huge or binary files.
 pub fn read_text(path: &Path) -> Result<String, Diagnostic> {
     let unreadable = |msg: String| Diagnostic::new(Code::Unreadable, path, None, msg);
-    let meta = std::fs::metadata(path).map_err(|e| unreadable(format!("cannot read `{}`: {e}", path.display())))?;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| unreadable(format!("cannot read `{}`: {e}", path.display())))?;
     if meta.is_dir() {
-        return Err(unreadable(format!("`{}` is a directory, not a workflow file", path.display())));
+        return Err(unreadable(format!(
+            "`{}` is a directory, not a workflow file",
+            path.display()
+        )));
     }
     if meta.len() > yaml::MAX_FILE_BYTES as u64 {
         return Err(unreadable(format!(
@@ -76,12 +86,18 @@ pub fn read_text(path: &Path) -> Result<String, Diagnostic> {
             yaml::MAX_FILE_BYTES >> 20
         )));
     }
-    let bytes = std::fs::read(path).map_err(|e| unreadable(format!("cannot read `{}`: {e}", path.display())))?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| unreadable(format!("cannot read `{}`: {e}", path.display())))?;
     String::from_utf8(bytes).map_err(|e| {
         let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
         let line = valid.iter().filter(|b| **b == b'\n').count() as u32 + 1;
         let col = valid.iter().rev().take_while(|b| **b != b'\n').count() as u32 + 1;
-        Diagnostic::new(Code::Unreadable, path, Some(Pos::new(line, col)), "the file is not valid UTF-8 text")
+        Diagnostic::new(
+            Code::Unreadable,
+            path,
+            Some(Pos::new(line, col)),
+            "the file is not valid UTF-8 text",
+        )
     })
 }
 
@@ -113,11 +129,17 @@ struct Fields<'n> {
 
 impl<'n> Fields<'n> {
     fn get(&self, name: &str) -> Option<&'n Node> {
-        self.entries.iter().find(|(k, _, _)| *k == name).map(|(_, _, v)| *v)
+        self.entries
+            .iter()
+            .find(|(k, _, _)| *k == name)
+            .map(|(_, _, v)| *v)
     }
 
     fn key_node(&self, name: &str) -> Option<&'n Node> {
-        self.entries.iter().find(|(k, _, _)| *k == name).map(|(_, k, _)| *k)
+        self.entries
+            .iter()
+            .find(|(k, _, _)| *k == name)
+            .map(|(_, k, _)| *k)
     }
 
     fn has(&self, name: &str) -> bool {
@@ -139,11 +161,18 @@ impl<'a> Cx<'a> {
         let Some(line) = self.source.lines().nth(pos.line.saturating_sub(1) as usize) else {
             return 1;
         };
-        let rest: String = line.chars().skip(pos.col.saturating_sub(1) as usize).collect();
+        let rest: String = line
+            .chars()
+            .skip(pos.col.saturating_sub(1) as usize)
+            .collect();
         let quoted = rest.starts_with('"') || rest.starts_with('\'');
         let width = if quoted {
             let q = rest.chars().next().unwrap_or('"');
-            rest.chars().skip(1).position(|c| c == q).map(|n| n + 2).unwrap_or(rest.chars().count())
+            rest.chars()
+                .skip(1)
+                .position(|c| c == q)
+                .map(|n| n + 2)
+                .unwrap_or(rest.chars().count())
         } else {
             rest.chars()
                 .position(|c| matches!(c, ':' | ',' | ']' | '}' | '#') || c.is_whitespace())
@@ -157,22 +186,41 @@ impl<'a> Cx<'a> {
     }
 
     /// Reads a mapping against a key table: unknown keys and missing required keys are reported.
-    fn fields<'n>(&mut self, node: &'n Node, what: &str, keys: &'static [Key]) -> Option<Fields<'n>> {
+    fn fields<'n>(
+        &mut self,
+        node: &'n Node,
+        what: &str,
+        keys: &'static [Key],
+    ) -> Option<Fields<'n>> {
         let Value::Map(entries) = &node.value else {
-            self.err(Code::WrongType, node.pos, format!("{what} must be a mapping, found {}", node.type_name()));
+            self.err(
+                Code::WrongType,
+                node.pos,
+                format!("{what} must be a mapping, found {}", node.type_name()),
+            );
             return None;
         };
-        let mut fields = Fields { entries: Vec::new() };
+        let mut fields = Fields {
+            entries: Vec::new(),
+        };
         for (k, v) in entries {
             let Some(name) = k.as_str() else {
-                self.err(Code::WrongType, k.pos, format!("keys of {what} must be strings, found {}", k.type_name()));
+                self.err(
+                    Code::WrongType,
+                    k.pos,
+                    format!("keys of {what} must be strings, found {}", k.type_name()),
+                );
                 continue;
             };
             match keys.iter().find(|key| key.name == name) {
                 Some(key) => fields.entries.push((key.name, k, v)),
                 None => {
                     let suggestion = did_you_mean(name, keys.iter().map(|k| k.name));
-                    let d = self.err(Code::UnknownKey, k.pos, format!("unknown key `{name}` in {what}"));
+                    let d = self.err(
+                        Code::UnknownKey,
+                        k.pos,
+                        format!("unknown key `{name}` in {what}"),
+                    );
                     match suggestion {
                         Some(s) => d.help = Some(format!("did you mean `{s}`?")),
                         None => {
@@ -185,7 +233,11 @@ impl<'a> Cx<'a> {
         }
         for key in keys.iter().filter(|k| k.required) {
             if !fields.has(key.name) {
-                self.err(Code::MissingKey, node.pos, format!("{what} is missing the required key `{}`", key.name));
+                self.err(
+                    Code::MissingKey,
+                    node.pos,
+                    format!("{what} is missing the required key `{}`", key.name),
+                );
             }
         }
         Some(fields)
@@ -199,14 +251,22 @@ impl<'a> Cx<'a> {
                 .filter_map(|(k, v)| match k.scalar_text() {
                     Some(name) => Some((name, k, v)),
                     None => {
-                        self.err(Code::WrongType, k.pos, format!("names in {what} must be strings"));
+                        self.err(
+                            Code::WrongType,
+                            k.pos,
+                            format!("names in {what} must be strings"),
+                        );
                         None
                     }
                 })
                 .collect(),
             Value::Null => Vec::new(),
             _ => {
-                self.err(Code::WrongType, node.pos, format!("{what} must be a mapping, found {}", node.type_name()));
+                self.err(
+                    Code::WrongType,
+                    node.pos,
+                    format!("{what} must be a mapping, found {}", node.type_name()),
+                );
                 Vec::new()
             }
         }
@@ -217,7 +277,11 @@ impl<'a> Cx<'a> {
             Value::Str(s) => Some(s.clone()),
             Value::Int(_) | Value::Float(_) | Value::Bool(_) => node.scalar_text(),
             _ => {
-                self.err(Code::WrongType, node.pos, format!("{what} must be a string, found {}", node.type_name()));
+                self.err(
+                    Code::WrongType,
+                    node.pos,
+                    format!("{what} must be a string, found {}", node.type_name()),
+                );
                 None
             }
         }
@@ -227,7 +291,11 @@ impl<'a> Cx<'a> {
         match node.value {
             Value::Bool(b) => Some(b),
             _ => {
-                self.err(Code::WrongType, node.pos, format!("{what} must be true or false, found {}", node.type_name()));
+                self.err(
+                    Code::WrongType,
+                    node.pos,
+                    format!("{what} must be true or false, found {}", node.type_name()),
+                );
                 None
             }
         }
@@ -237,11 +305,22 @@ impl<'a> Cx<'a> {
         match node.value {
             Value::Int(i) if i > 0 => Some(i as u64),
             Value::Int(i) => {
-                self.err(Code::InvalidValue, node.pos, format!("{what} must be a positive integer, found {i}"));
+                self.err(
+                    Code::InvalidValue,
+                    node.pos,
+                    format!("{what} must be a positive integer, found {i}"),
+                );
                 None
             }
             _ => {
-                self.err(Code::WrongType, node.pos, format!("{what} must be a positive integer, found {}", node.type_name()));
+                self.err(
+                    Code::WrongType,
+                    node.pos,
+                    format!(
+                        "{what} must be a positive integer, found {}",
+                        node.type_name()
+                    ),
+                );
                 None
             }
         }
@@ -252,7 +331,11 @@ impl<'a> Cx<'a> {
             Value::Int(i) => Some(i as f64),
             Value::Float(f) => Some(f),
             _ => {
-                self.err(Code::WrongType, node.pos, format!("{what} must be a number, found {}", node.type_name()));
+                self.err(
+                    Code::WrongType,
+                    node.pos,
+                    format!("{what} must be a number, found {}", node.type_name()),
+                );
                 None
             }
         }
@@ -263,7 +346,14 @@ impl<'a> Cx<'a> {
             Value::Str(s) => s.clone(),
             Value::Int(_) | Value::Float(_) => node.scalar_text()?,
             _ => {
-                self.err(Code::WrongType, node.pos, format!("{what} must be a duration like `30s`, found {}", node.type_name()));
+                self.err(
+                    Code::WrongType,
+                    node.pos,
+                    format!(
+                        "{what} must be a duration like `30s`, found {}",
+                        node.type_name()
+                    ),
+                );
                 return None;
             }
         };
@@ -281,7 +371,14 @@ impl<'a> Cx<'a> {
             Value::Str(s) => s.clone(),
             Value::Int(_) => node.scalar_text()?,
             _ => {
-                self.err(Code::WrongType, node.pos, format!("{what} must be a size like `512MiB`, found {}", node.type_name()));
+                self.err(
+                    Code::WrongType,
+                    node.pos,
+                    format!(
+                        "{what} must be a size like `512MiB`, found {}",
+                        node.type_name()
+                    ),
+                );
                 return None;
             }
         };
@@ -300,11 +397,21 @@ impl<'a> Cx<'a> {
             Value::Str(s) => vec![(s.clone(), node.pos)],
             Value::Seq(items) => items
                 .iter()
-                .filter_map(|item| self.string(item, &format!("each entry of {what}")).map(|s| (s, item.pos)))
+                .filter_map(|item| {
+                    self.string(item, &format!("each entry of {what}"))
+                        .map(|s| (s, item.pos))
+                })
                 .collect(),
             Value::Null => Vec::new(),
             _ => {
-                self.err(Code::WrongType, node.pos, format!("{what} must be a list of strings, found {}", node.type_name()));
+                self.err(
+                    Code::WrongType,
+                    node.pos,
+                    format!(
+                        "{what} must be a list of strings, found {}",
+                        node.type_name()
+                    ),
+                );
                 Vec::new()
             }
         }
@@ -316,7 +423,11 @@ impl<'a> Cx<'a> {
             return Some(value);
         }
         let suggestion = did_you_mean(&value, allowed.iter().copied());
-        let d = self.err(Code::InvalidValue, node.pos, format!("invalid {what} `{value}`"));
+        let d = self.err(
+            Code::InvalidValue,
+            node.pos,
+            format!("invalid {what} `{value}`"),
+        );
         d.help = Some(match suggestion {
             Some(s) => format!("did you mean `{s}`?"),
             None => format!("expected one of: {}", allowed.join(", ")),
@@ -324,15 +435,36 @@ impl<'a> Cx<'a> {
         None
     }
 
-    fn template(&mut self, node: &Node, what: &str, task: Option<TaskIx>, has_item: bool, is_prompt: bool) -> Option<String> {
+    fn template(
+        &mut self,
+        node: &Node,
+        what: &str,
+        task: Option<TaskIx>,
+        has_item: bool,
+        is_prompt: bool,
+    ) -> Option<String> {
         let text = self.string(node, what)?;
-        self.templates.push(TemplateUse { text: text.clone(), pos: node.pos, is_expr: false, task, is_prompt, has_item });
+        self.templates.push(TemplateUse {
+            text: text.clone(),
+            pos: node.pos,
+            is_expr: false,
+            task,
+            is_prompt,
+            has_item,
+        });
         Some(text)
     }
 
     fn workflow(&mut self, root: &Node, text: &str) -> Option<Workflow> {
         if !matches!(root.value, Value::Map(_)) {
-            self.err(Code::WrongType, root.pos, format!("a workflow must be a mapping with `helix: 1`, `name` and `tasks`, found {}", root.type_name()));
+            self.err(
+                Code::WrongType,
+                root.pos,
+                format!(
+                    "a workflow must be a mapping with `helix: 1`, `name` and `tasks`, found {}",
+                    root.type_name()
+                ),
+            );
             return None;
         }
         let fields = self.fields(root, "the workflow", spec::TOP_KEYS)?;
@@ -344,38 +476,88 @@ impl<'a> Cx<'a> {
                         .help = Some("upgrade helix, or write `helix: 1`".into());
                 }
                 _ => {
-                    self.err(Code::Version, n.pos, format!("unsupported format version `{}`", n.scalar_text().unwrap_or_default()))
-                        .help = Some("write `helix: 1`".into());
+                    self.err(
+                        Code::Version,
+                        n.pos,
+                        format!(
+                            "unsupported format version `{}`",
+                            n.scalar_text().unwrap_or_default()
+                        ),
+                    )
+                    .help = Some("write `helix: 1`".into());
                 }
             },
             None => {
                 // Reported as a missing key by `fields`; add the version-specific hint.
-                if let Some(d) = self.report.diagnostics.iter_mut().rev().find(|d| d.message.contains("`helix`")) {
+                if let Some(d) = self
+                    .report
+                    .diagnostics
+                    .iter_mut()
+                    .rev()
+                    .find(|d| d.message.contains("`helix`"))
+                {
                     d.code = Code::Version;
                     d.help = Some("add `helix: 1` as the first line".into());
                 }
             }
         }
-        let name = fields.get("name").and_then(|n| self.string(n, "`name`")).unwrap_or_default();
-        let description = fields.get("description").and_then(|n| self.string(n, "`description`"));
-        let inputs = fields.get("inputs").map(|n| self.inputs(n)).unwrap_or_default();
-        let models = fields.get("models").map(|n| self.models(n)).unwrap_or_default();
-        let tools = fields.get("tools").map(|n| self.tools(n)).unwrap_or_default();
-        let agents = fields.get("agents").map(|n| self.agents(n, &models, &tools)).unwrap_or_default();
-        let sandbox = fields.get("sandbox").map(|n| self.sandbox(n)).unwrap_or_default();
+        let name = fields
+            .get("name")
+            .and_then(|n| self.string(n, "`name`"))
+            .unwrap_or_default();
+        let description = fields
+            .get("description")
+            .and_then(|n| self.string(n, "`description`"));
+        let inputs = fields
+            .get("inputs")
+            .map(|n| self.inputs(n))
+            .unwrap_or_default();
+        let models = fields
+            .get("models")
+            .map(|n| self.models(n))
+            .unwrap_or_default();
+        let tools = fields
+            .get("tools")
+            .map(|n| self.tools(n))
+            .unwrap_or_default();
+        let agents = fields
+            .get("agents")
+            .map(|n| self.agents(n, &models, &tools))
+            .unwrap_or_default();
+        let sandbox = fields
+            .get("sandbox")
+            .map(|n| self.sandbox(n))
+            .unwrap_or_default();
         let secrets: Vec<String> = fields
             .get("secrets")
-            .map(|n| self.str_list(n, "`secrets`").into_iter().map(|(s, _)| s).collect())
+            .map(|n| {
+                self.str_list(n, "`secrets`")
+                    .into_iter()
+                    .map(|(s, _)| s)
+                    .collect()
+            })
             .unwrap_or_default();
-        let env = fields.get("env").map(|n| self.env_decl(n)).unwrap_or_default();
-        let budget = fields.get("budget").map(|n| self.budget(n)).unwrap_or_default();
+        let env = fields
+            .get("env")
+            .map(|n| self.env_decl(n))
+            .unwrap_or_default();
+        let budget = fields
+            .get("budget")
+            .map(|n| self.budget(n))
+            .unwrap_or_default();
         let schedule = fields.get("schedule").and_then(|n| self.schedule(n));
-        let history = fields.get("history").map(|n| self.history(n)).unwrap_or_default();
+        let history = fields
+            .get("history")
+            .map(|n| self.history(n))
+            .unwrap_or_default();
         let memory = fields.get("memory").map(|n| {
             self.fields(n, "`memory`", spec::MEMORY_KEYS);
             n.to_json()
         });
-        let concurrency = fields.get("concurrency").map(|n| self.concurrency(n)).unwrap_or_default();
+        let concurrency = fields
+            .get("concurrency")
+            .map(|n| self.concurrency(n))
+            .unwrap_or_default();
 
         let mut w = Workflow {
             file: self.file.clone(),
@@ -401,8 +583,14 @@ impl<'a> Cx<'a> {
         };
         let mut pending_needs = Vec::new();
         if let Some(tasks) = fields.get("tasks") {
-            if matches!(&tasks.value, Value::Map(m) if m.is_empty()) || matches!(tasks.value, Value::Null) {
-                self.err(Code::InvalidValue, tasks.pos, "`tasks` is empty; a workflow needs at least one task");
+            if matches!(&tasks.value, Value::Map(m) if m.is_empty())
+                || matches!(tasks.value, Value::Null)
+            {
+                self.err(
+                    Code::InvalidValue,
+                    tasks.pos,
+                    "`tasks` is empty; a workflow needs at least one task",
+                );
             }
             w.roots = self.tasks(tasks, None, &mut w, &mut pending_needs);
         }
@@ -421,7 +609,15 @@ impl<'a> Cx<'a> {
             if let Value::Str(t) = &value.value {
                 match InputType::parse(t) {
                     Some(ty) => {
-                        out.insert(name, InputDecl { ty, default: None, choices: None, description: None });
+                        out.insert(
+                            name,
+                            InputDecl {
+                                ty,
+                                default: None,
+                                choices: None,
+                                description: None,
+                            },
+                        );
                     }
                     None => {
                         self.one_of(value, &format!("type of {what}"), InputType::NAMES);
@@ -429,7 +625,9 @@ impl<'a> Cx<'a> {
                 }
                 continue;
             }
-            let Some(f) = self.fields(value, &what, spec::INPUT_KEYS) else { continue };
+            let Some(f) = self.fields(value, &what, spec::INPUT_KEYS) else {
+                continue;
+            };
             let ty = match f.get("type") {
                 Some(n) => match self.one_of(n, &format!("type of {what}"), InputType::NAMES) {
                     Some(t) => InputType::parse(&t).unwrap_or(InputType::String),
@@ -440,23 +638,49 @@ impl<'a> Cx<'a> {
             let default = f.get("default").map(Node::to_json);
             if let (Some(d), Some(n)) = (&default, f.get("default")) {
                 if !ty.accepts(d) && !(ty == InputType::Number && d.is_number()) {
-                    self.err(Code::WrongType, n.pos, format!("the default of {what} must be {}, found {}", ty.name(), n.type_name()));
+                    self.err(
+                        Code::WrongType,
+                        n.pos,
+                        format!(
+                            "the default of {what} must be {}, found {}",
+                            ty.name(),
+                            n.type_name()
+                        ),
+                    );
                 }
             }
             let choices = f.get("enum").and_then(|n| match &n.value {
                 Value::Seq(items) => Some(items.iter().map(Node::to_json).collect::<Vec<_>>()),
                 _ => {
-                    self.err(Code::WrongType, n.pos, format!("`enum` of {what} must be a list"));
+                    self.err(
+                        Code::WrongType,
+                        n.pos,
+                        format!("`enum` of {what} must be a list"),
+                    );
                     None
                 }
             });
             if let (Some(c), Some(d), Some(n)) = (&choices, &default, f.get("default")) {
                 if !c.contains(d) {
-                    self.err(Code::InvalidValue, n.pos, format!("the default of {what} is not one of its `enum` values"));
+                    self.err(
+                        Code::InvalidValue,
+                        n.pos,
+                        format!("the default of {what} is not one of its `enum` values"),
+                    );
                 }
             }
-            let description = f.get("description").and_then(|n| self.string(n, "`description`"));
-            out.insert(name, InputDecl { ty, default, choices, description });
+            let description = f
+                .get("description")
+                .and_then(|n| self.string(n, "`description`"));
+            out.insert(
+                name,
+                InputDecl {
+                    ty,
+                    default,
+                    choices,
+                    description,
+                },
+            );
         }
         out
     }
@@ -465,10 +689,18 @@ impl<'a> Cx<'a> {
         let mut out = IndexMap::new();
         for (name, _, value) in self.named_map(node, "`models`") {
             let what = format!("model `{name}`");
-            let Some(f) = self.fields(value, &what, spec::MODEL_KEYS) else { continue };
+            let Some(f) = self.fields(value, &what, spec::MODEL_KEYS) else {
+                continue;
+            };
             let provider = f
                 .get("provider")
-                .and_then(|n| self.one_of(n, &format!("provider of {what}"), &["openai", "anthropic", "ollama", "scripted", "replay"]))
+                .and_then(|n| {
+                    self.one_of(
+                        n,
+                        &format!("provider of {what}"),
+                        &["openai", "anthropic", "ollama", "scripted", "replay"],
+                    )
+                })
                 .unwrap_or_default();
             let model = f.get("model").and_then(|n| self.string(n, "`model`"));
             if let Some(n) = f.get("temperature") {
@@ -494,16 +726,34 @@ impl<'a> Cx<'a> {
                     Some(n) => {
                         if let Some(file) = self.string(n, "`file`") {
                             if provider == "scripted" && !self.relative(&file).is_file() {
-                                self.err(Code::MissingFile, n.pos, format!("replies file `{file}` not found (relative to {})", self.dir.display()));
+                                self.err(
+                                    Code::MissingFile,
+                                    n.pos,
+                                    format!(
+                                        "replies file `{file}` not found (relative to {})",
+                                        self.dir.display()
+                                    ),
+                                );
                             }
                         }
                     }
                     None => {
-                        self.err(Code::MissingKey, value.pos, format!("{what} uses the `{provider}` provider and needs `file`"));
+                        self.err(
+                            Code::MissingKey,
+                            value.pos,
+                            format!("{what} uses the `{provider}` provider and needs `file`"),
+                        );
                     }
                 }
             }
-            out.insert(name, ModelDecl { provider, model, settings: value.to_json() });
+            out.insert(
+                name,
+                ModelDecl {
+                    provider,
+                    model,
+                    settings: value.to_json(),
+                },
+            );
         }
         out
     }
@@ -513,11 +763,19 @@ impl<'a> Cx<'a> {
         for (name, key, value) in self.named_map(node, "`tools`") {
             let what = format!("tool `{name}`");
             if crate::tools::is_builtin(&name) {
-                self.err(Code::InvalidValue, key.pos, format!("`{name}` is a built-in tool; choose another name"));
+                self.err(
+                    Code::InvalidValue,
+                    key.pos,
+                    format!("`{name}` is a built-in tool; choose another name"),
+                );
             }
-            let Some(f) = self.fields(value, &what, spec::TOOL_KEYS) else { continue };
+            let Some(f) = self.fields(value, &what, spec::TOOL_KEYS) else {
+                continue;
+            };
             let script = f.get("script").and_then(|n| self.script_file(n, &what));
-            let description = f.get("description").and_then(|n| self.string(n, "`description`"));
+            let description = f
+                .get("description")
+                .and_then(|n| self.string(n, "`description`"));
             let params = f.get("params").map(|n| {
                 for (pname, _, pnode) in self.named_map(n, "`params`") {
                     self.fields(pnode, &format!("parameter `{pname}`"), spec::PARAM_KEYS);
@@ -525,7 +783,14 @@ impl<'a> Cx<'a> {
                 n.to_json()
             });
             if let Some(script) = script {
-                out.insert(name, ToolDecl { script, description, params: params.unwrap_or(Json::Null) });
+                out.insert(
+                    name,
+                    ToolDecl {
+                        script,
+                        description,
+                        params: params.unwrap_or(Json::Null),
+                    },
+                );
             }
         }
         out
@@ -536,18 +801,31 @@ impl<'a> Cx<'a> {
         let file = self.string(node, &format!("script of {what}"))?;
         let path = self.relative(&file);
         let Some(lang) = Lang::from_path(&path) else {
-            self.err(Code::InvalidValue, node.pos, format!("script `{file}` of {what} must end in .lua or .rhai"));
+            self.err(
+                Code::InvalidValue,
+                node.pos,
+                format!("script `{file}` of {what} must end in .lua or .rhai"),
+            );
             return None;
         };
         match std::fs::read_to_string(&path) {
             Ok(code) => {
-                let source = ScriptSource { lang, code, name: file.clone(), first_line: 1 };
+                let source = ScriptSource {
+                    lang,
+                    code,
+                    name: file.clone(),
+                    first_line: 1,
+                };
                 self.check_script(&source, node.pos);
                 Some(path)
             }
             Err(e) => {
-                self.err(Code::MissingFile, node.pos, format!("script `{file}` cannot be read: {e}"))
-                    .help = Some(format!("paths are relative to {}", self.dir.display()));
+                self.err(
+                    Code::MissingFile,
+                    node.pos,
+                    format!("script `{file}` cannot be read: {e}"),
+                )
+                .help = Some(format!("paths are relative to {}", self.dir.display()));
                 None
             }
         }
@@ -555,16 +833,27 @@ impl<'a> Cx<'a> {
 
     fn check_script(&mut self, source: &ScriptSource, pos: Pos) {
         if let Err(e) = scripting::check_syntax(source) {
-            let d = self.err(Code::ScriptSyntax, pos, format!("script does not compile: {e}"));
+            let d = self.err(
+                Code::ScriptSyntax,
+                pos,
+                format!("script does not compile: {e}"),
+            );
             d.notes.push(format!("in {}", source.name));
         }
     }
 
-    fn agents(&mut self, node: &Node, models: &IndexMap<String, ModelDecl>, tools: &IndexMap<String, ToolDecl>) -> IndexMap<String, AgentDecl> {
+    fn agents(
+        &mut self,
+        node: &Node,
+        models: &IndexMap<String, ModelDecl>,
+        tools: &IndexMap<String, ToolDecl>,
+    ) -> IndexMap<String, AgentDecl> {
         let mut out = IndexMap::new();
         for (name, _, value) in self.named_map(node, "`agents`") {
             let what = format!("agent `{name}`");
-            let Some(f) = self.fields(value, &what, spec::AGENT_KEYS) else { continue };
+            let Some(f) = self.fields(value, &what, spec::AGENT_KEYS) else {
+                continue;
+            };
             for k in ["role", "goal", "backstory"] {
                 if let Some(n) = f.get(k) {
                     self.template(n, &format!("`{k}`"), None, false, true);
@@ -573,11 +862,17 @@ impl<'a> Cx<'a> {
             let prompt = f.get("prompt").and_then(|n| self.prompt_ref(n));
             let script = f.get("script").and_then(|n| self.script_file(n, &what));
             let model_node = f.get("model");
-            let model = model_node.and_then(|n| self.string(n, "`model`")).unwrap_or_else(|| "default".into());
+            let model = model_node
+                .and_then(|n| self.string(n, "`model`"))
+                .unwrap_or_else(|| "default".into());
             if script.is_none() && !models.contains_key(&model) {
                 let pos = model_node.map(|n| n.pos).unwrap_or(value.pos);
                 let suggestion = did_you_mean(&model, models.keys().map(String::as_str));
-                let d = self.err(Code::UnknownName, pos, format!("{what} uses model `{model}`, which is not declared under `models:`"));
+                let d = self.err(
+                    Code::UnknownName,
+                    pos,
+                    format!("{what} uses model `{model}`, which is not declared under `models:`"),
+                );
                 d.help = Some(match suggestion {
                     Some(s) => format!("did you mean `{s}`?"),
                     None => "declare it, e.g. `models: { default: { provider: openai, model: gpt-4o-mini } }`".into(),
@@ -587,9 +882,17 @@ impl<'a> Cx<'a> {
             if let Some(n) = f.get("tools") {
                 for (t, pos) in self.str_list(n, "`tools`") {
                     if !crate::tools::is_builtin(&t) && !tools.contains_key(&t) {
-                        let known: Vec<&str> = crate::tools::builtins().iter().map(|b| b.name).chain(tools.keys().map(String::as_str)).collect();
+                        let known: Vec<&str> = crate::tools::builtins()
+                            .iter()
+                            .map(|b| b.name)
+                            .chain(tools.keys().map(String::as_str))
+                            .collect();
                         let suggestion = did_you_mean(&t, known.iter().copied());
-                        let d = self.err(Code::UnknownName, pos, format!("unknown tool `{t}` in {what}"));
+                        let d = self.err(
+                            Code::UnknownName,
+                            pos,
+                            format!("unknown tool `{t}` in {what}"),
+                        );
                         d.help = Some(match suggestion {
                             Some(s) => format!("did you mean `{s}`?"),
                             None => format!("known tools: {}", known.join(", ")),
@@ -598,17 +901,23 @@ impl<'a> Cx<'a> {
                     tool_names.push(t);
                 }
             }
-            let max_turns = f.get("max_turns").and_then(|n| self.positive(n, "`max_turns`")).unwrap_or(10) as u32;
-            out.insert(name, AgentDecl {
-                role: f.get("role").and_then(|n| n.scalar_text()),
-                goal: f.get("goal").and_then(|n| n.scalar_text()),
-                prompt,
-                tools: tool_names,
-                model,
-                max_turns,
-                script,
-                description: f.get("description").and_then(|n| n.scalar_text()),
-            });
+            let max_turns = f
+                .get("max_turns")
+                .and_then(|n| self.positive(n, "`max_turns`"))
+                .unwrap_or(10) as u32;
+            out.insert(
+                name,
+                AgentDecl {
+                    role: f.get("role").and_then(|n| n.scalar_text()),
+                    goal: f.get("goal").and_then(|n| n.scalar_text()),
+                    prompt,
+                    tools: tool_names,
+                    model,
+                    max_turns,
+                    script,
+                    description: f.get("description").and_then(|n| n.scalar_text()),
+                },
+            );
         }
         out
     }
@@ -616,7 +925,9 @@ impl<'a> Cx<'a> {
     fn prompt_ref(&mut self, node: &Node) -> Option<PromptRef> {
         let text = self.string(node, "`prompt`")?;
         let looks_like_file = !text.contains('\n')
-            && [".j2", ".jinja", ".md", ".txt"].iter().any(|ext| text.ends_with(ext));
+            && [".j2", ".jinja", ".md", ".txt"]
+                .iter()
+                .any(|ext| text.ends_with(ext));
         if looks_like_file {
             let path = self.relative(&text);
             match std::fs::read_to_string(&path) {
@@ -626,18 +937,33 @@ impl<'a> Cx<'a> {
                     let env = prompt::environment(Some(&base));
                     if let Err(e) = prompt::check(&env, &body, false) {
                         let line = e.line.map(|l| format!(":{l}")).unwrap_or_default();
-                        self.err(Code::TemplateSyntax, node.pos, format!("template `{text}{line}` does not parse: {}", e.message));
+                        self.err(
+                            Code::TemplateSyntax,
+                            node.pos,
+                            format!("template `{text}{line}` does not parse: {}", e.message),
+                        );
                     }
                     Some(PromptRef::File(path))
                 }
                 Err(e) => {
-                    self.err(Code::MissingFile, node.pos, format!("prompt template `{text}` cannot be read: {e}"))
-                        .help = Some(format!("paths are relative to {}", self.dir.display()));
+                    self.err(
+                        Code::MissingFile,
+                        node.pos,
+                        format!("prompt template `{text}` cannot be read: {e}"),
+                    )
+                    .help = Some(format!("paths are relative to {}", self.dir.display()));
                     None
                 }
             }
         } else {
-            self.templates.push(TemplateUse { text: text.clone(), pos: node.pos, is_expr: false, task: None, is_prompt: true, has_item: false });
+            self.templates.push(TemplateUse {
+                text: text.clone(),
+                pos: node.pos,
+                is_expr: false,
+                task: None,
+                is_prompt: true,
+                has_item: false,
+            });
             Some(PromptRef::Inline(text))
         }
     }
@@ -647,7 +973,11 @@ impl<'a> Cx<'a> {
             if s == "host" {
                 return SandboxChoice::Host;
             }
-            self.err(Code::InvalidValue, node.pos, format!("`sandbox` must be `host` or a profile mapping, found `{s}`"));
+            self.err(
+                Code::InvalidValue,
+                node.pos,
+                format!("`sandbox` must be `host` or a profile mapping, found `{s}`"),
+            );
             return SandboxChoice::Unset;
         }
         let Some(f) = self.fields(node, "`sandbox`", spec::SANDBOX_KEYS) else {
@@ -703,16 +1033,24 @@ impl<'a> Cx<'a> {
                     (name, default)
                 })
                 .collect(),
-            _ => self.str_list(node, "`env`").into_iter().map(|(s, _)| (s, None)).collect(),
+            _ => self
+                .str_list(node, "`env`")
+                .into_iter()
+                .map(|(s, _)| (s, None))
+                .collect(),
         }
     }
 
     fn budget(&mut self, node: &Node) -> Budget {
         let mut b = Budget::default();
         if let Some(f) = self.fields(node, "`budget`", spec::BUDGET_KEYS) {
-            b.tokens = f.get("tokens").and_then(|n| self.positive(n, "`budget.tokens`"));
+            b.tokens = f
+                .get("tokens")
+                .and_then(|n| self.positive(n, "`budget.tokens`"));
             b.usd = f.get("usd").and_then(|n| self.number(n, "`budget.usd`"));
-            b.wall = f.get("wall").and_then(|n| self.duration(n, "`budget.wall`"));
+            b.wall = f
+                .get("wall")
+                .and_then(|n| self.duration(n, "`budget.wall`"));
         }
         b
     }
@@ -722,19 +1060,42 @@ impl<'a> Cx<'a> {
         let cron_node = f.get("cron")?;
         let cron = self.string(cron_node, "`schedule.cron`")?;
         if let Err(e) = crate::workflow::cron_check(&cron) {
-            self.err(Code::Cron, cron_node.pos, format!("invalid cron expression `{cron}`: {e}"))
-                .help = Some("five fields: minute hour day-of-month month day-of-week, e.g. `*/15 * * * *`".into());
+            self.err(
+                Code::Cron,
+                cron_node.pos,
+                format!("invalid cron expression `{cron}`: {e}"),
+            )
+            .help = Some(
+                "five fields: minute hour day-of-month month day-of-week, e.g. `*/15 * * * *`"
+                    .into(),
+            );
         }
-        let overlap = f.get("overlap").and_then(|n| self.one_of(n, "`schedule.overlap`", &["skip", "queue", "allow"])).unwrap_or_else(|| "skip".into());
-        let catchup = f.get("catchup").and_then(|n| self.one_of(n, "`schedule.catchup`", &["none", "latest", "all"])).unwrap_or_else(|| "none".into());
-        Some(Schedule { cron, overlap, catchup })
+        let overlap = f
+            .get("overlap")
+            .and_then(|n| self.one_of(n, "`schedule.overlap`", &["skip", "queue", "allow"]))
+            .unwrap_or_else(|| "skip".into());
+        let catchup = f
+            .get("catchup")
+            .and_then(|n| self.one_of(n, "`schedule.catchup`", &["none", "latest", "all"]))
+            .unwrap_or_else(|| "none".into());
+        Some(Schedule {
+            cron,
+            overlap,
+            catchup,
+        })
     }
 
     fn history(&mut self, node: &Node) -> History {
         let mut h = History::default();
         if let Some(f) = self.fields(node, "`history`", spec::HISTORY_KEYS) {
-            h.keep_days = f.get("keep_days").and_then(|n| self.positive(n, "`history.keep_days`")).map(|n| n.min(u32::MAX as u64) as u32);
-            h.keep_runs = f.get("keep_runs").and_then(|n| self.positive(n, "`history.keep_runs`")).map(|n| n.min(u32::MAX as u64) as u32);
+            h.keep_days = f
+                .get("keep_days")
+                .and_then(|n| self.positive(n, "`history.keep_days`"))
+                .map(|n| n.min(u32::MAX as u64) as u32);
+            h.keep_runs = f
+                .get("keep_runs")
+                .and_then(|n| self.positive(n, "`history.keep_runs`"))
+                .map(|n| n.min(u32::MAX as u64) as u32);
         }
         h
     }
@@ -750,12 +1111,22 @@ impl<'a> Cx<'a> {
     }
 
     /// Reads a `tasks:` map; returns the indices of its direct children.
-    fn tasks(&mut self, node: &Node, parent: Option<TaskIx>, w: &mut Workflow, needs: &mut Vec<(TaskIx, Vec<(String, Pos)>)>) -> Vec<TaskIx> {
+    fn tasks(
+        &mut self,
+        node: &Node,
+        parent: Option<TaskIx>,
+        w: &mut Workflow,
+        needs: &mut Vec<(TaskIx, Vec<(String, Pos)>)>,
+    ) -> Vec<TaskIx> {
         let mut children = Vec::new();
         for (key, key_node, value) in self.named_map(node, "`tasks`") {
             check_name(self, &key, key_node.pos, "task");
             if RESERVED_TASK_KEYS.contains(&key.as_str()) {
-                self.err(Code::InvalidValue, key_node.pos, format!("`{key}` cannot be a task id: templates use it as `tasks.<id>.{key}`"));
+                self.err(
+                    Code::InvalidValue,
+                    key_node.pos,
+                    format!("`{key}` cannot be a task id: templates use it as `tasks.<id>.{key}`"),
+                );
             }
             let id = match parent {
                 Some(p) => format!("{}.{key}", w.tasks[p].id),
@@ -768,21 +1139,41 @@ impl<'a> Cx<'a> {
         children
     }
 
-    fn task(&mut self, id: &str, pos: Pos, node: &Node, parent: Option<TaskIx>, w: &mut Workflow, needs: &mut Vec<(TaskIx, Vec<(String, Pos)>)>) -> Option<TaskIx> {
+    fn task(
+        &mut self,
+        id: &str,
+        pos: Pos,
+        node: &Node,
+        parent: Option<TaskIx>,
+        w: &mut Workflow,
+        needs: &mut Vec<(TaskIx, Vec<(String, Pos)>)>,
+    ) -> Option<TaskIx> {
         let what = format!("task `{id}`");
         let f = self.fields(node, &what, spec::TASK_KEYS)?;
-        let kinds: Vec<&str> = spec::KIND_KEYS.iter().copied().filter(|k| f.has(k)).collect();
+        let kinds: Vec<&str> = spec::KIND_KEYS
+            .iter()
+            .copied()
+            .filter(|k| f.has(k))
+            .collect();
         if kinds.is_empty() {
             self.err(Code::TaskKind, pos, format!("{what} has no kind"))
                 .help = Some("give it exactly one of: agent, run, script, tool, workflow, approve, or a `tasks:` group".into());
         } else if kinds.len() > 1 {
             let second = f.key_node(kinds[1]).map(|n| n.pos).unwrap_or(pos);
-            self.err(Code::TaskKind, second, format!("{what} has two kinds: `{}` and `{}`", kinds[0], kinds[1]))
-                .help = Some("a task is exactly one kind; split it into two tasks joined by `needs:`".into());
+            self.err(
+                Code::TaskKind,
+                second,
+                format!("{what} has two kinds: `{}` and `{}`", kinds[0], kinds[1]),
+            )
+            .help = Some(
+                "a task is exactly one kind; split it into two tasks joined by `needs:`".into(),
+            );
         }
         let ix = w.tasks.len();
         let has_item = f.has("for_each");
-        let inherited_sandbox = parent.map(|p| w.tasks[p].sandbox.clone()).unwrap_or_else(|| w.sandbox.clone());
+        let inherited_sandbox = parent
+            .map(|p| w.tasks[p].sandbox.clone())
+            .unwrap_or_else(|| w.sandbox.clone());
         let mut decl = TaskDecl {
             id: id.to_string(),
             pos,
@@ -797,7 +1188,10 @@ impl<'a> Cx<'a> {
             continue_on_error: false,
             concurrency: None,
             output: None,
-            sandbox: f.get("sandbox").map(|n| self.sandbox(n)).unwrap_or(inherited_sandbox),
+            sandbox: f
+                .get("sandbox")
+                .map(|n| self.sandbox(n))
+                .unwrap_or(inherited_sandbox),
             kind: TaskKind::Group,
         };
         if let Some(n) = f.get("needs") {
@@ -806,30 +1200,56 @@ impl<'a> Cx<'a> {
         for (k, is_expr) in [("when", true), ("for_each", true)] {
             if let Some(n) = f.get(k) {
                 if let Some(text) = self.string(n, &format!("`{k}`")) {
-                    self.templates.push(TemplateUse { text: text.clone(), pos: n.pos, is_expr, task: Some(ix), is_prompt: false, has_item: false });
-                    if k == "when" { decl.when = Some(text) } else { decl.for_each = Some(text) }
+                    self.templates.push(TemplateUse {
+                        text: text.clone(),
+                        pos: n.pos,
+                        is_expr,
+                        task: Some(ix),
+                        is_prompt: false,
+                        has_item: false,
+                    });
+                    if k == "when" {
+                        decl.when = Some(text)
+                    } else {
+                        decl.for_each = Some(text)
+                    }
                 }
             }
         }
         if let Some(n) = f.get("max_parallel") {
-            decl.max_parallel = self.positive(n, "`max_parallel`").map(|v| v.min(usize::MAX as u64) as usize);
+            decl.max_parallel = self
+                .positive(n, "`max_parallel`")
+                .map(|v| v.min(usize::MAX as u64) as usize);
             if !has_item {
-                self.err(Code::InvalidValue, n.pos, "`max_parallel` applies to `for_each` fan-outs");
+                self.err(
+                    Code::InvalidValue,
+                    n.pos,
+                    "`max_parallel` applies to `for_each` fan-outs",
+                );
             }
         }
         if let Some(n) = f.get("retry") {
             decl.retry = self.retry(n);
         }
         decl.timeout = f.get("timeout").and_then(|n| self.duration(n, "`timeout`"));
-        decl.continue_on_error = f.get("continue_on_error").and_then(|n| self.bool(n, "`continue_on_error`")).unwrap_or(false);
+        decl.continue_on_error = f
+            .get("continue_on_error")
+            .and_then(|n| self.bool(n, "`continue_on_error`"))
+            .unwrap_or(false);
         if let Some(n) = f.get("concurrency") {
             if let Some(name) = self.string(n, "`concurrency`") {
                 if !w.concurrency.contains_key(&name) {
                     let suggestion = did_you_mean(&name, w.concurrency.keys().map(String::as_str));
-                    let d = self.err(Code::UnknownName, n.pos, format!("concurrency limit `{name}` is not declared"));
+                    let d = self.err(
+                        Code::UnknownName,
+                        n.pos,
+                        format!("concurrency limit `{name}` is not declared"),
+                    );
                     d.help = Some(match suggestion {
                         Some(s) => format!("did you mean `{s}`?"),
-                        None => format!("declare it at the top level: `concurrency: {{ {name}: 2 }}`"),
+                        None => {
+                            format!("declare it at the top level: `concurrency: {{ {name}: 2 }}`")
+                        }
                     });
                 }
                 decl.concurrency = Some(name);
@@ -841,7 +1261,15 @@ impl<'a> Cx<'a> {
         let applies = |cx: &mut Cx, key: &str, kinds_ok: &[&str]| {
             if let Some(k) = f.key_node(key) {
                 if !kinds.is_empty() && !kinds_ok.contains(&kinds[0]) {
-                    cx.err(Code::InvalidValue, k.pos, format!("`{key}` applies to {} tasks, not to `{}` tasks", kinds_ok.join(" and "), kinds[0]));
+                    cx.err(
+                        Code::InvalidValue,
+                        k.pos,
+                        format!(
+                            "`{key}` applies to {} tasks, not to `{}` tasks",
+                            kinds_ok.join(" and "),
+                            kinds[0]
+                        ),
+                    );
                 }
             }
         };
@@ -857,16 +1285,32 @@ impl<'a> Cx<'a> {
             Some("script") => self.script_task(&f, &what),
             Some("tool") => self.tool_task(&f, ix, has_item, w),
             Some("workflow") => self.workflow_task(&f, ix, has_item),
-            Some("approve") => f.get("approve").and_then(|n| self.template(n, "`approve`", Some(ix), has_item, false)).map(|message| TaskKind::Approve { message }),
+            Some("approve") => f
+                .get("approve")
+                .and_then(|n| self.template(n, "`approve`", Some(ix), has_item, false))
+                .map(|message| TaskKind::Approve { message }),
             Some("tasks") => {
                 for key in ["for_each", "retry", "output", "concurrency"] {
                     if let Some(k) = f.key_node(key) {
-                        self.err(Code::InvalidValue, k.pos, format!("`{key}` is not supported on a group; put it on the tasks inside"));
+                        self.err(
+                            Code::InvalidValue,
+                            k.pos,
+                            format!(
+                                "`{key}` is not supported on a group; put it on the tasks inside"
+                            ),
+                        );
                     }
                 }
-                let children = f.get("tasks").map(|n| self.tasks(n, Some(ix), w, needs)).unwrap_or_default();
+                let children = f
+                    .get("tasks")
+                    .map(|n| self.tasks(n, Some(ix), w, needs))
+                    .unwrap_or_default();
                 if children.is_empty() {
-                    self.err(Code::InvalidValue, pos, format!("group {what} has no tasks"));
+                    self.err(
+                        Code::InvalidValue,
+                        pos,
+                        format!("group {what} has no tasks"),
+                    );
                 }
                 w.tasks[ix].children = children;
                 Some(TaskKind::Group)
@@ -879,7 +1323,13 @@ impl<'a> Cx<'a> {
         Some(ix)
     }
 
-    fn agent_task(&mut self, f: &Fields, ix: TaskIx, has_item: bool, w: &Workflow) -> Option<TaskKind> {
+    fn agent_task(
+        &mut self,
+        f: &Fields,
+        ix: TaskIx,
+        has_item: bool,
+        w: &Workflow,
+    ) -> Option<TaskKind> {
         let n = f.get("agent")?;
         let agent = self.string(n, "`agent`")?;
         if !w.agents.contains_key(&agent) {
@@ -888,20 +1338,33 @@ impl<'a> Cx<'a> {
             d.help = Some(match suggestion {
                 Some(s) => format!("did you mean `{s}`?"),
                 None if w.agents.is_empty() => "declare it under `agents:`".into(),
-                None => format!("declared agents: {}", w.agents.keys().cloned().collect::<Vec<_>>().join(", ")),
+                None => format!(
+                    "declared agents: {}",
+                    w.agents.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
             });
         }
         let prompt = match f.get("prompt") {
             Some(p) => self.template(p, "`prompt`", Some(ix), has_item, true)?,
             None => {
-                self.err(Code::MissingKey, n.pos, format!("agent task `{}` needs a `prompt`", w.tasks[ix].id));
+                self.err(
+                    Code::MissingKey,
+                    n.pos,
+                    format!("agent task `{}` needs a `prompt`", w.tasks[ix].id),
+                );
                 return None;
             }
         };
         Some(TaskKind::Agent { agent, prompt })
     }
 
-    fn run_task(&mut self, f: &Fields, ix: TaskIx, has_item: bool, w: &Workflow) -> Option<TaskKind> {
+    fn run_task(
+        &mut self,
+        f: &Fields,
+        ix: TaskIx,
+        has_item: bool,
+        w: &Workflow,
+    ) -> Option<TaskKind> {
         let n = f.get("run")?;
         let command = self.template(n, "`run`", Some(ix), has_item, false)?;
         match &w.tasks[ix].sandbox {
@@ -918,7 +1381,9 @@ impl<'a> Cx<'a> {
         let mut env = IndexMap::new();
         if let Some(e) = f.get("env") {
             for (name, _, v) in self.named_map(e, "`env`") {
-                if let Some(t) = self.template(v, &format!("env `{name}`"), Some(ix), has_item, false) {
+                if let Some(t) =
+                    self.template(v, &format!("env `{name}`"), Some(ix), has_item, false)
+                {
                     env.insert(name, t);
                 }
             }
@@ -932,12 +1397,23 @@ impl<'a> Cx<'a> {
         let is_file = !text.contains('\n') && Lang::from_path(Path::new(text.trim())).is_some();
         if is_file {
             if let Some(k) = f.key_node("lang") {
-                self.err(Code::InvalidValue, k.pos, "`lang` applies to inline scripts; a file's extension gives its language");
+                self.err(
+                    Code::InvalidValue,
+                    k.pos,
+                    "`lang` applies to inline scripts; a file's extension gives its language",
+                );
             }
             let path = self.script_file(n, what)?;
             let code = std::fs::read_to_string(&path).ok()?;
             let lang = Lang::from_path(&path)?;
-            return Some(TaskKind::Script { source: ScriptSource { lang, code, name: text.trim().to_string(), first_line: 1 } });
+            return Some(TaskKind::Script {
+                source: ScriptSource {
+                    lang,
+                    code,
+                    name: text.trim().to_string(),
+                    first_line: 1,
+                },
+            });
         }
         let lang = match f.get("lang") {
             Some(l) => match self.one_of(l, "`lang`", &["rhai", "lua"])?.as_str() {
@@ -952,17 +1428,36 @@ impl<'a> Cx<'a> {
             .lines()
             .nth(n.pos.line.saturating_sub(1) as usize)
             .and_then(|l| l.chars().nth(n.pos.col.saturating_sub(1) as usize));
-        let first_line = if matches!(indicator, Some('|') | Some('>')) { n.pos.line + 1 } else { n.pos.line };
-        let source = ScriptSource { lang, code: text, name: self.file.display().to_string(), first_line };
+        let first_line = if matches!(indicator, Some('|') | Some('>')) {
+            n.pos.line + 1
+        } else {
+            n.pos.line
+        };
+        let source = ScriptSource {
+            lang,
+            code: text,
+            name: self.file.display().to_string(),
+            first_line,
+        };
         self.check_script(&source, n.pos);
         Some(TaskKind::Script { source })
     }
 
-    fn tool_task(&mut self, f: &Fields, ix: TaskIx, has_item: bool, w: &Workflow) -> Option<TaskKind> {
+    fn tool_task(
+        &mut self,
+        f: &Fields,
+        ix: TaskIx,
+        has_item: bool,
+        w: &Workflow,
+    ) -> Option<TaskKind> {
         let n = f.get("tool")?;
         let tool = self.string(n, "`tool`")?;
         if !crate::tools::is_builtin(&tool) && !w.tools.contains_key(&tool) {
-            let known: Vec<&str> = crate::tools::builtins().iter().map(|b| b.name).chain(w.tools.keys().map(String::as_str)).collect();
+            let known: Vec<&str> = crate::tools::builtins()
+                .iter()
+                .map(|b| b.name)
+                .chain(w.tools.keys().map(String::as_str))
+                .collect();
             let suggestion = did_you_mean(&tool, known.iter().copied());
             let d = self.err(Code::UnknownName, n.pos, format!("unknown tool `{tool}`"));
             d.help = Some(match suggestion {
@@ -982,9 +1477,20 @@ impl<'a> Cx<'a> {
 
     fn collect_json_templates(&mut self, node: &Node, ix: TaskIx, has_item: bool) {
         match &node.value {
-            Value::Str(s) => self.templates.push(TemplateUse { text: s.clone(), pos: node.pos, is_expr: false, task: Some(ix), is_prompt: false, has_item }),
-            Value::Seq(items) => items.iter().for_each(|i| self.collect_json_templates(i, ix, has_item)),
-            Value::Map(entries) => entries.iter().for_each(|(_, v)| self.collect_json_templates(v, ix, has_item)),
+            Value::Str(s) => self.templates.push(TemplateUse {
+                text: s.clone(),
+                pos: node.pos,
+                is_expr: false,
+                task: Some(ix),
+                is_prompt: false,
+                has_item,
+            }),
+            Value::Seq(items) => items
+                .iter()
+                .for_each(|i| self.collect_json_templates(i, ix, has_item)),
+            Value::Map(entries) => entries
+                .iter()
+                .for_each(|(_, v)| self.collect_json_templates(v, ix, has_item)),
             _ => {}
         }
     }
@@ -994,13 +1500,23 @@ impl<'a> Cx<'a> {
         let file = self.string(n, "`workflow`")?;
         let path = self.relative(&file);
         if !path.is_file() {
-            self.err(Code::MissingFile, n.pos, format!("sub-workflow `{file}` not found"))
-                .help = Some(format!("paths are relative to {}", self.dir.display()));
+            self.err(
+                Code::MissingFile,
+                n.pos,
+                format!("sub-workflow `{file}` not found"),
+            )
+            .help = Some(format!("paths are relative to {}", self.dir.display()));
             return None;
         }
         let canonical = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
         if self.stack.contains(&canonical) {
-            self.err(Code::Cycle, n.pos, format!("sub-workflow `{file}` includes itself, directly or through other workflows"));
+            self.err(
+                Code::Cycle,
+                n.pos,
+                format!(
+                    "sub-workflow `{file}` includes itself, directly or through other workflows"
+                ),
+            );
             return None;
         }
         let mut with = IndexMap::new();
@@ -1014,12 +1530,21 @@ impl<'a> Cx<'a> {
         match load_nested(&path, self.stack) {
             Ok(sub) => {
                 let with_entries: Vec<(String, Pos)> = with_node
-                    .map(|wn| self.named_map(wn, "`with`").into_iter().map(|(k, kn, _)| (k, kn.pos)).collect())
+                    .map(|wn| {
+                        self.named_map(wn, "`with`")
+                            .into_iter()
+                            .map(|(k, kn, _)| (k, kn.pos))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 for (name, pos) in &with_entries {
                     if !sub.inputs.contains_key(name) {
                         let suggestion = did_you_mean(name, sub.inputs.keys().map(String::as_str));
-                        let d = self.err(Code::Input, *pos, format!("sub-workflow `{file}` has no input `{name}`"));
+                        let d = self.err(
+                            Code::Input,
+                            *pos,
+                            format!("sub-workflow `{file}` has no input `{name}`"),
+                        );
                         if let Some(s) = suggestion {
                             d.help = Some(format!("did you mean `{s}`?"));
                         }
@@ -1042,14 +1567,22 @@ impl<'a> Cx<'a> {
             r.attempts = self.positive(node, "`retry`").unwrap_or(1).min(1000) as u32;
             return r;
         }
-        let Some(f) = self.fields(node, "`retry`", spec::RETRY_KEYS) else { return r };
+        let Some(f) = self.fields(node, "`retry`", spec::RETRY_KEYS) else {
+            return r;
+        };
         if let Some(n) = f.get("attempts") {
             r.attempts = self.positive(n, "`retry.attempts`").unwrap_or(1).min(1000) as u32;
         }
-        if let Some(d) = f.get("backoff").and_then(|n| self.duration(n, "`retry.backoff`")) {
+        if let Some(d) = f
+            .get("backoff")
+            .and_then(|n| self.duration(n, "`retry.backoff`"))
+        {
             r.backoff = d;
         }
-        if let Some(d) = f.get("max_backoff").and_then(|n| self.duration(n, "`retry.max_backoff`")) {
+        if let Some(d) = f
+            .get("max_backoff")
+            .and_then(|n| self.duration(n, "`retry.max_backoff`"))
+        {
             r.max_backoff = d;
         }
         if let Some(b) = f.get("jitter").and_then(|n| self.bool(n, "`retry.jitter`")) {
@@ -1062,7 +1595,11 @@ impl<'a> Cx<'a> {
                     Some(classes) => on.extend(classes),
                     None => {
                         let s = did_you_mean(&name, ErrorClass::NAMES.iter().copied());
-                        let d = self.err(Code::InvalidValue, pos, format!("unknown error class `{name}` in `retry.on`"));
+                        let d = self.err(
+                            Code::InvalidValue,
+                            pos,
+                            format!("unknown error class `{name}` in `retry.on`"),
+                        );
                         d.help = Some(match s {
                             Some(s) => format!("did you mean `{s}`?"),
                             None => format!("expected one of: {}", ErrorClass::NAMES.join(", ")),
@@ -1077,14 +1614,21 @@ impl<'a> Cx<'a> {
 
     fn output(&mut self, node: &Node) -> Option<OutputSpec> {
         let f = self.fields(node, "`output`", spec::OUTPUT_KEYS)?;
-        let parse = f.get("parse").and_then(|n| self.one_of(n, "`output.parse`", &["text", "json", "lines"])).map(|p| match p.as_str() {
-            "json" => OutputParse::Json,
-            "lines" => OutputParse::Lines,
-            _ => OutputParse::Text,
-        });
+        let parse = f
+            .get("parse")
+            .and_then(|n| self.one_of(n, "`output.parse`", &["text", "json", "lines"]))
+            .map(|p| match p.as_str() {
+                "json" => OutputParse::Json,
+                "lines" => OutputParse::Lines,
+                _ => OutputParse::Text,
+            });
         let schema = f.get("schema").map(|n| {
             if !matches!(n.value, Value::Map(_)) {
-                self.err(Code::WrongType, n.pos, "`output.schema` must be a JSON Schema mapping");
+                self.err(
+                    Code::WrongType,
+                    n.pos,
+                    "`output.schema` must be a JSON Schema mapping",
+                );
             }
             n.to_json()
         });
@@ -1106,11 +1650,22 @@ impl<'a> Cx<'a> {
                     .or_else(|| w.task_by_id(&name));
                 match target {
                     Some(t) if t == ix => {
-                        self.err(Code::SelfNeed, pos, format!("task `{}` needs itself", w.tasks[ix].id))
-                            .help = Some("remove it from `needs`".into());
+                        self.err(
+                            Code::SelfNeed,
+                            pos,
+                            format!("task `{}` needs itself", w.tasks[ix].id),
+                        )
+                        .help = Some("remove it from `needs`".into());
                     }
                     Some(t) if is_ancestor(w, t, ix) => {
-                        self.err(Code::Cycle, pos, format!("task `{}` needs its own group `{}`, which cannot finish before it", w.tasks[ix].id, w.tasks[t].id));
+                        self.err(
+                            Code::Cycle,
+                            pos,
+                            format!(
+                                "task `{}` needs its own group `{}`, which cannot finish before it",
+                                w.tasks[ix].id, w.tasks[t].id
+                            ),
+                        );
                     }
                     Some(t) if is_ancestor(w, ix, t) => {
                         self.err(Code::Cycle, pos, format!("group `{}` needs its own task `{}`, which cannot start before the group", w.tasks[ix].id, w.tasks[t].id));
@@ -1121,9 +1676,20 @@ impl<'a> Cx<'a> {
                         }
                     }
                     None => {
-                        let candidates: Vec<&str> = siblings.iter().map(|&s| w.tasks[s].key()).chain(w.tasks.iter().map(|t| t.id.as_str())).collect();
+                        let candidates: Vec<&str> = siblings
+                            .iter()
+                            .map(|&s| w.tasks[s].key())
+                            .chain(w.tasks.iter().map(|t| t.id.as_str()))
+                            .collect();
                         let suggestion = did_you_mean(&name, candidates.iter().copied());
-                        let d = self.err(Code::UnknownNeed, pos, format!("task `{}` needs `{name}`, which does not exist", w.tasks[ix].id));
+                        let d = self.err(
+                            Code::UnknownNeed,
+                            pos,
+                            format!(
+                                "task `{}` needs `{name}`, which does not exist",
+                                w.tasks[ix].id
+                            ),
+                        );
                         if let Some(s) = suggestion {
                             d.help = Some(format!("did you mean `{s}`?"));
                         }
@@ -1147,7 +1713,14 @@ impl<'a> Cx<'a> {
         }
     }
 
-    fn visit(&mut self, w: &Workflow, ix: TaskIx, state: &mut [u8], stack: &mut Vec<TaskIx>, reported: &mut HashSet<Vec<TaskIx>>) {
+    fn visit(
+        &mut self,
+        w: &Workflow,
+        ix: TaskIx,
+        state: &mut [u8],
+        stack: &mut Vec<TaskIx>,
+        reported: &mut HashSet<Vec<TaskIx>>,
+    ) {
         state[ix] = 1;
         stack.push(ix);
         for &dep in &w.tasks[ix].needs {
@@ -1160,10 +1733,18 @@ impl<'a> Cx<'a> {
                     key.sort_unstable();
                     if reported.insert(key) {
                         cycle.push(dep);
-                        let names: Vec<&str> = cycle.iter().rev().map(|&t| w.tasks[t].id.as_str()).collect();
+                        let names: Vec<&str> = cycle
+                            .iter()
+                            .rev()
+                            .map(|&t| w.tasks[t].id.as_str())
+                            .collect();
                         let first = w.tasks[dep].pos;
-                        self.err(Code::Cycle, first, format!("dependency cycle: {}", names.join(" → ")))
-                            .help = Some("remove one of these `needs` entries".into());
+                        self.err(
+                            Code::Cycle,
+                            first,
+                            format!("dependency cycle: {}", names.join(" → ")),
+                        )
+                        .help = Some("remove one of these `needs` entries".into());
                     }
                 }
                 _ => {}
@@ -1182,9 +1763,17 @@ impl<'a> Cx<'a> {
             let vars = match prompt::check(&env, &u.text, u.is_expr) {
                 Ok(v) => v,
                 Err(e) => {
-                    let line = e.line.filter(|_| u.text.contains('\n')).map(|l| format!(" (template line {l})")).unwrap_or_default();
+                    let line = e
+                        .line
+                        .filter(|_| u.text.contains('\n'))
+                        .map(|l| format!(" (template line {l})"))
+                        .unwrap_or_default();
                     let kind = if u.is_expr { "expression" } else { "template" };
-                    self.err(Code::TemplateSyntax, u.pos, format!("{kind} does not parse: {}{line}", e.message));
+                    self.err(
+                        Code::TemplateSyntax,
+                        u.pos,
+                        format!("{kind} does not parse: {}{line}", e.message),
+                    );
                     continue;
                 }
             };
@@ -1194,7 +1783,13 @@ impl<'a> Cx<'a> {
         }
     }
 
-    fn check_variable(&mut self, w: &Workflow, u: &TemplateUse, var: &str, upstream: &mut HashMap<TaskIx, HashSet<TaskIx>>) {
+    fn check_variable(
+        &mut self,
+        w: &Workflow,
+        u: &TemplateUse,
+        var: &str,
+        upstream: &mut HashMap<TaskIx, HashSet<TaskIx>>,
+    ) {
         let parts: Vec<&str> = var.split('.').collect();
         let mut roots = vec!["inputs", "tasks", "run", "env"];
         if u.has_item {
@@ -1206,7 +1801,11 @@ impl<'a> Cx<'a> {
         let head = parts[0];
         if !roots.contains(&head) {
             let suggestion = did_you_mean(head, roots.iter().copied());
-            let d = self.err(Code::UndefinedVariable, u.pos, format!("undefined variable `{head}`"));
+            let d = self.err(
+                Code::UndefinedVariable,
+                u.pos,
+                format!("undefined variable `{head}`"),
+            );
             d.help = Some(match (head, suggestion) {
                 ("item", _) => "`item` is defined only in tasks with `for_each`".into(),
                 (_, Some(s)) => format!("did you mean `{s}`?"),
@@ -1214,11 +1813,17 @@ impl<'a> Cx<'a> {
             });
             return;
         }
-        let Some(second) = parts.get(1).copied() else { return };
+        let Some(second) = parts.get(1).copied() else {
+            return;
+        };
         match head {
             "inputs" if !w.inputs.contains_key(second) => {
                 let suggestion = did_you_mean(second, w.inputs.keys().map(String::as_str));
-                let d = self.err(Code::UndefinedVariable, u.pos, format!("undefined input `inputs.{second}`"));
+                let d = self.err(
+                    Code::UndefinedVariable,
+                    u.pos,
+                    format!("undefined input `inputs.{second}`"),
+                );
                 d.help = Some(match suggestion {
                     Some(s) => format!("did you mean `inputs.{s}`?"),
                     None => "declare it under `inputs:`".into(),
@@ -1229,18 +1834,37 @@ impl<'a> Cx<'a> {
                     .help = Some(format!("list `{second}` under `secrets:` (for secrets) or `env:` so templates may read it"));
             }
             "run" if !["id", "dir", "workspace", "workflow", "name"].contains(&second) => {
-                self.err(Code::UndefinedVariable, u.pos, format!("undefined variable `run.{second}`"))
-                    .help = Some("`run` has: id, dir, workspace, workflow, name".into());
+                self.err(
+                    Code::UndefinedVariable,
+                    u.pos,
+                    format!("undefined variable `run.{second}`"),
+                )
+                .help = Some("`run` has: id, dir, workspace, workflow, name".into());
             }
             "tasks" => self.check_task_reference(w, u, &parts[1..], upstream),
             _ => {}
         }
     }
 
-    fn check_task_reference(&mut self, w: &Workflow, u: &TemplateUse, path: &[&str], upstream: &mut HashMap<TaskIx, HashSet<TaskIx>>) {
-        let Some(root) = w.roots.iter().copied().find(|&r| w.tasks[r].key() == path[0]) else {
+    fn check_task_reference(
+        &mut self,
+        w: &Workflow,
+        u: &TemplateUse,
+        path: &[&str],
+        upstream: &mut HashMap<TaskIx, HashSet<TaskIx>>,
+    ) {
+        let Some(root) = w
+            .roots
+            .iter()
+            .copied()
+            .find(|&r| w.tasks[r].key() == path[0])
+        else {
             let suggestion = did_you_mean(path[0], w.roots.iter().map(|&r| w.tasks[r].key()));
-            let d = self.err(Code::UndefinedVariable, u.pos, format!("`tasks.{}` is not a task", path[0]));
+            let d = self.err(
+                Code::UndefinedVariable,
+                u.pos,
+                format!("`tasks.{}` is not a task", path[0]),
+            );
             if let Some(s) = suggestion {
                 d.help = Some(format!("did you mean `tasks.{s}`?"));
             }
@@ -1249,14 +1873,23 @@ impl<'a> Cx<'a> {
         // Descend into groups: `tasks.qa.unit.output`.
         let mut target = root;
         for part in &path[1..] {
-            match w.tasks[target].children.iter().copied().find(|&c| w.tasks[c].key() == *part) {
+            match w.tasks[target]
+                .children
+                .iter()
+                .copied()
+                .find(|&c| w.tasks[c].key() == *part)
+            {
                 Some(c) => target = c,
                 None => {
                     if !RESERVED_TASK_KEYS.contains(part) {
                         let mut options: Vec<&str> = RESERVED_TASK_KEYS.to_vec();
                         options.extend(w.tasks[target].children.iter().map(|&c| w.tasks[c].key()));
                         let suggestion = did_you_mean(part, options.iter().copied());
-                        let d = self.err(Code::UndefinedVariable, u.pos, format!("`tasks.{}` has no `{part}`", w.tasks[target].id));
+                        let d = self.err(
+                            Code::UndefinedVariable,
+                            u.pos,
+                            format!("`tasks.{}` has no `{part}`", w.tasks[target].id),
+                        );
                         d.help = Some(match suggestion {
                             Some(s) => format!("did you mean `{s}`?"),
                             None => format!("a task has: {}", options.join(", ")),
@@ -1268,16 +1901,33 @@ impl<'a> Cx<'a> {
         }
         let Some(reader) = u.task else { return };
         if !reads_allowed(w, reader, target, upstream) {
-            let d = self.err(Code::NotANeed, u.pos, format!("task `{}` reads `tasks.{}` but does not depend on it", w.tasks[reader].id, w.tasks[target].id));
-            d.help = Some(format!("add `{}` to the `needs` of `{}`", w.tasks[target].id, w.tasks[reader].id));
+            let d = self.err(
+                Code::NotANeed,
+                u.pos,
+                format!(
+                    "task `{}` reads `tasks.{}` but does not depend on it",
+                    w.tasks[reader].id, w.tasks[target].id
+                ),
+            );
+            d.help = Some(format!(
+                "add `{}` to the `needs` of `{}`",
+                w.tasks[target].id, w.tasks[reader].id
+            ));
         }
     }
 }
 
 fn check_name(cx: &mut Cx, name: &str, pos: Pos, what: &str) {
-    let ok = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     if !ok {
-        cx.err(Code::InvalidValue, pos, format!("invalid {what} name `{name}`: use letters, digits, `_` and `-`"));
+        cx.err(
+            Code::InvalidValue,
+            pos,
+            format!("invalid {what} name `{name}`: use letters, digits, `_` and `-`"),
+        );
     }
 }
 
@@ -1293,8 +1943,15 @@ fn is_ancestor(w: &Workflow, ancestor: TaskIx, mut ix: TaskIx) -> bool {
 
 /// Whether `reader` may read `target`'s results: `target` (or a group containing it) finishes
 /// before `reader` (or a group containing it) starts.
-fn reads_allowed(w: &Workflow, reader: TaskIx, target: TaskIx, cache: &mut HashMap<TaskIx, HashSet<TaskIx>>) -> bool {
-    let done_before = cache.entry(reader).or_insert_with(|| finished_before(w, reader));
+fn reads_allowed(
+    w: &Workflow,
+    reader: TaskIx,
+    target: TaskIx,
+    cache: &mut HashMap<TaskIx, HashSet<TaskIx>>,
+) -> bool {
+    let done_before = cache
+        .entry(reader)
+        .or_insert_with(|| finished_before(w, reader));
     done_before.contains(&target)
 }
 
@@ -1329,7 +1986,10 @@ pub fn hex_sha256(bytes: &[u8]) -> String {
 }
 
 /// Parses `-i key=value` pairs against the declared inputs and fills defaults.
-pub fn resolve_inputs(w: &Workflow, given: &[(String, String)]) -> Result<serde_json::Map<String, Json>, Report> {
+pub fn resolve_inputs(
+    w: &Workflow,
+    given: &[(String, String)],
+) -> Result<serde_json::Map<String, Json>, Report> {
     let mut report = Report::default();
     let mut out = serde_json::Map::new();
     let err = |msg: String| Diagnostic::new(Code::Input, &w.file, None, msg);
@@ -1340,7 +2000,10 @@ pub fn resolve_inputs(w: &Workflow, given: &[(String, String)]) -> Result<serde_
                 d.help = Some(match did_you_mean(k, w.inputs.keys().map(String::as_str)) {
                     Some(s) => format!("did you mean `{s}`?"),
                     None if w.inputs.is_empty() => "this workflow declares no inputs".into(),
-                    None => format!("declared inputs: {}", w.inputs.keys().cloned().collect::<Vec<_>>().join(", ")),
+                    None => format!(
+                        "declared inputs: {}",
+                        w.inputs.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
                 });
                 report.push(d);
             }
@@ -1349,7 +2012,10 @@ pub fn resolve_inputs(w: &Workflow, given: &[(String, String)]) -> Result<serde_
                     if let Some(choices) = &decl.choices {
                         if !choices.contains(&value) {
                             let list: Vec<String> = choices.iter().map(|c| c.to_string()).collect();
-                            report.push(err(format!("input `{k}` must be one of {}, got `{v}`", list.join(", "))));
+                            report.push(err(format!(
+                                "input `{k}` must be one of {}, got `{v}`",
+                                list.join(", ")
+                            )));
                             continue;
                         }
                     }
@@ -1368,8 +2034,13 @@ pub fn resolve_inputs(w: &Workflow, given: &[(String, String)]) -> Result<serde_
                 out.insert(k.clone(), d.clone());
             }
             None => report.push(
-                err(format!("missing required input `{k}`"))
-                    .with_help(format!("pass it with `-i {k}=…`{}", decl.description.as_ref().map(|d| format!(" ({d})")).unwrap_or_default())),
+                err(format!("missing required input `{k}`")).with_help(format!(
+                    "pass it with `-i {k}=…`{}",
+                    decl.description
+                        .as_ref()
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
+                )),
             ),
         }
     }

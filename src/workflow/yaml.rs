@@ -69,7 +69,9 @@ impl Node {
             Value::Null => J::Null,
             Value::Bool(b) => J::Bool(*b),
             Value::Int(i) => J::from(*i),
-            Value::Float(f) => serde_json::Number::from_f64(*f).map(J::Number).unwrap_or(J::Null),
+            Value::Float(f) => serde_json::Number::from_f64(*f)
+                .map(J::Number)
+                .unwrap_or(J::Null),
             Value::Str(s) => J::String(s.clone()),
             Value::Seq(items) => J::Array(items.iter().map(Node::to_json).collect()),
             Value::Map(entries) => J::Object(
@@ -93,7 +95,10 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
     if text.len() > MAX_FILE_BYTES {
         return Err(YamlError {
             pos: None,
-            message: format!("the file is larger than the {} MiB limit", MAX_FILE_BYTES >> 20),
+            message: format!(
+                "the file is larger than the {} MiB limit",
+                MAX_FILE_BYTES >> 20
+            ),
         });
     }
     if text.trim().is_empty() {
@@ -227,9 +232,13 @@ mod tests {
     #[test]
     fn keeps_positions_of_keys_and_values() {
         let node = parse("a: 1\nb:\n  - x\n  - y\n").expect("valid");
-        let Value::Map(entries) = &node.value else { panic!("not a map") };
+        let Value::Map(entries) = &node.value else {
+            panic!("not a map")
+        };
         assert_eq!(entries[1].0.pos, Pos::new(2, 1));
-        let Value::Seq(items) = &entries[1].1.value else { panic!("not a seq") };
+        let Value::Seq(items) = &entries[1].1.value else {
+            panic!("not a seq")
+        };
         assert_eq!(items[1].pos, Pos::new(4, 5));
         assert_eq!(items[1].as_str(), Some("y"), "{:?}", items);
     }
