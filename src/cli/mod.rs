@@ -305,7 +305,16 @@ fn execute(spec: RunSpec, mut journal: Journal, home: PathBuf, args: &RunArgs) -
         handle_signals: true,
     };
     let mut sink = ui::sink(mode);
+    let history = spec.workflow.history.clone();
+    let name = spec.workflow.name.clone();
     let result = rt.block_on(engine::execute(spec, &opts, &mut journal, sink.as_mut()));
+    if history.keep_runs.is_some() || history.keep_days.is_some() {
+        // Retention declared by the workflow (`history:`) applies to its own runs.
+        let keep = history.keep_runs.map(|k| k as usize);
+        if let Err(e) = journal.prune(keep, history.keep_days, Some(&name)) {
+            eprintln!("warning: pruning old runs failed: {e}");
+        }
+    }
     // Work that ignores cancellation must not keep the process alive after the run ended.
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {

@@ -162,7 +162,7 @@ pub fn runs(command: RunsCommand) -> i32 {
                 return EXIT_INVALID;
             }
             journal
-                .prune(keep, keep_days)
+                .prune(keep, keep_days, None)
                 .map(|n| println!("pruned {n} run{}", if n == 1 { "" } else { "s" }))
         }
     };

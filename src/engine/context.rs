@@ -38,13 +38,7 @@ struct TaskView {
 impl Object for TasksView {
     fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
         let name = key.as_str()?;
-        let task = self
-            .workflow
-            .roots
-            .iter()
-            .copied()
-            .find(|&r| self.workflow.tasks[r].key() == name)
-            .or_else(|| self.workflow.task_by_id(name))?;
+        let task = self.workflow.task_by_id(name)?;
         Some(Value::from_object(TaskView {
             workflow: self.workflow.clone(),
             results: self.results.clone(),

@@ -563,15 +563,14 @@ impl Executor<'_> {
         reason: Option<String>,
     ) -> Result<(), EngineError> {
         let node = &m.nodes[n];
-        let restored =
-            status == Status::Succeeded && self.restored.contains(&node.key) && node.is_leaf;
-        let output = if status == Status::Succeeded && !node.is_leaf {
-            Some(self.container_output(m, n))
-        } else if restored {
+        let restored = status == Status::Succeeded && self.restored.contains(&node.key);
+        let output = if restored {
             self.results
                 .read()
                 .ok()
                 .and_then(|r| r.get(&node.key).and_then(|r| r.output.clone()))
+        } else if status == Status::Succeeded && !node.is_leaf {
+            Some(self.container_output(m, n))
         } else {
             None
         };
@@ -691,7 +690,12 @@ impl Executor<'_> {
                 );
             }
         };
-        let timeout = decl.timeout;
+        // Scripts enforce their own deadline and report where they stopped; the outer
+        // timeout is only a backstop for them.
+        let timeout = match decl.kind {
+            TaskKind::Script { .. } => decl.timeout.map(|t| t + Duration::from_secs(1)),
+            _ => decl.timeout,
+        };
         let tx = self.tx.clone();
         let handle = tokio::spawn(async move {
             let cancel = Arc::new(AtomicBool::new(false));
@@ -738,7 +742,7 @@ impl Executor<'_> {
         let key = m.nodes[n].key.clone();
         let ctx = self.context(m, n);
         let question = match prompt::render(&self.templates, &message, &ctx) {
-            Ok(q) => q,
+            Ok(q) => self.redact(&q),
             Err(e) => {
                 self.fail_now(m, n, format!("approval message: {e}"))?;
                 queue.push_back(MEvent::Failed(n, ErrorClass::Script));

@@ -11,6 +11,7 @@ use super::executor::{run_child, ExecOptions};
 use crate::sandbox::{ExecRequest, HostSandbox, Sandbox};
 use crate::scripting::{self, Lang, Limits, ScriptErrorKind, ScriptSource};
 use crate::tools::{self, ToolContext};
+use crate::workflow::units::human_duration;
 use crate::workflow::ErrorClass;
 
 /// Bytes of stdout and stderr kept per command on the host backend.
@@ -153,12 +154,15 @@ async fn run_script(
         tokio::task::spawn_blocking(move || scripting::run(&source, &globals, &limits)).await;
     match joined {
         Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) if e.kind == ScriptErrorKind::Timeout => Err(WorkError {
+            class: ErrorClass::Timeout,
+            message: format!(
+                "timed out after {} ({e})",
+                human_duration(timeout.unwrap_or_default())
+            ),
+        }),
         Ok(Err(e)) => Err(WorkError {
-            class: if e.kind == ScriptErrorKind::Timeout {
-                ErrorClass::Timeout
-            } else {
-                ErrorClass::Script
-            },
+            class: ErrorClass::Script,
             message: e.to_string(),
         }),
         Err(e) => Err(WorkError {

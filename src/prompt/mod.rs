@@ -94,7 +94,14 @@ pub fn check(
             .map_err(template_error)?
             .undeclared_variables(true)
     };
-    let mut vars: Vec<String> = vars.into_iter().collect();
+    // Functions like `range` and `namespace` are globals, not variables a user must declare.
+    let mut vars: Vec<String> = vars
+        .into_iter()
+        .filter(|v| {
+            let head = v.split('.').next().unwrap_or(v);
+            !env.globals().any(|(name, _)| name == head)
+        })
+        .collect();
     vars.sort();
     Ok(vars)
 }

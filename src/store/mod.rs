@@ -469,15 +469,17 @@ impl Journal {
         &mut self,
         keep: Option<usize>,
         keep_days: Option<u32>,
+        workflow_name: Option<&str>,
     ) -> Result<usize, JournalError> {
         let mut doomed: Vec<String> = Vec::new();
         {
             let mut stmt = self.conn.prepare(
-                "SELECT id, created_ms FROM runs WHERE parent IS NULL AND status IN ('succeeded', 'failed', 'interrupted', 'cancelled')
+                "SELECT id, created_ms FROM runs WHERE parent IS NULL AND (?1 IS NULL OR workflow_name = ?1)
+                 AND status IN ('succeeded', 'failed', 'interrupted', 'cancelled')
                  ORDER BY created_ms DESC, id DESC",
             )?;
             let rows: Vec<(String, i64)> = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .query_map(params![workflow_name], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
             let cutoff = keep_days.map(|d| now_ms() as i64 - i64::from(d) * 86_400_000);
             for (i, (id, created)) in rows.into_iter().enumerate() {

@@ -40,11 +40,13 @@ pub struct Workflow {
     /// All tasks in declaration order (a parent before its children).
     pub tasks: Vec<TaskDecl>,
     pub roots: Vec<TaskIx>,
+    /// Task index by full id.
+    pub index: std::collections::HashMap<String, TaskIx>,
 }
 
 impl Workflow {
     pub fn task_by_id(&self, id: &str) -> Option<TaskIx> {
-        self.tasks.iter().position(|t| t.id == id)
+        self.index.get(id).copied()
     }
 }
 

@@ -580,6 +580,7 @@ impl<'a> Cx<'a> {
             concurrency,
             tasks: Vec::new(),
             roots: Vec::new(),
+            index: HashMap::new(),
         };
         let mut pending_needs = Vec::new();
         if let Some(tasks) = fields.get("tasks") {
@@ -594,6 +595,7 @@ impl<'a> Cx<'a> {
             }
             w.roots = self.tasks(tasks, None, &mut w, &mut pending_needs);
         }
+        w.index = w.tasks.iter().enumerate().map(|(i, t)| (t.id.clone(), i)).collect();
         self.resolve_needs(&mut w, pending_needs);
         self.check_cycles(&w);
         self.check_templates(&w);
@@ -1636,18 +1638,27 @@ impl<'a> Cx<'a> {
     }
 
     fn resolve_needs(&mut self, w: &mut Workflow, pending: Vec<(TaskIx, Vec<(String, Pos)>)>) {
+        // Lookups by id and by (group, key), built once: workflows may have 10,000 tasks.
+        let by_id: HashMap<String, TaskIx> = w
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id.clone(), i))
+            .collect();
+        let by_key: HashMap<(Option<TaskIx>, String), TaskIx> = w
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| ((t.parent, t.key().to_string()), i))
+            .collect();
         for (ix, names) in pending {
             let mut resolved = Vec::new();
             for (name, pos) in names {
-                let siblings: Vec<TaskIx> = match w.tasks[ix].parent {
-                    Some(p) => w.tasks[p].children.clone(),
-                    None => w.roots.clone(),
-                };
-                let target = siblings
-                    .iter()
-                    .copied()
-                    .find(|&s| w.tasks[s].key() == name)
-                    .or_else(|| w.task_by_id(&name));
+                let parent = w.tasks[ix].parent;
+                let target = by_key
+                    .get(&(parent, name.clone()))
+                    .or_else(|| by_id.get(&name))
+                    .copied();
                 match target {
                     Some(t) if t == ix => {
                         self.err(
@@ -1676,6 +1687,10 @@ impl<'a> Cx<'a> {
                         }
                     }
                     None => {
+                        let siblings: Vec<TaskIx> = match parent {
+                            Some(p) => w.tasks[p].children.clone(),
+                            None => w.roots.clone(),
+                        };
                         let candidates: Vec<&str> = siblings
                             .iter()
                             .map(|&s| w.tasks[s].key())
@@ -1700,58 +1715,54 @@ impl<'a> Cx<'a> {
         }
     }
 
-    /// Finds cycles in `needs`, counting a group as depending on its children's dependencies.
+    /// Finds cycles in `needs` with an iterative depth-first search (chains can be long).
     fn check_cycles(&mut self, w: &Workflow) {
-        // 0 = unvisited, 1 = on the stack, 2 = done
+        // 0 = unvisited, 1 = on the path, 2 = done
         let mut state = vec![0u8; w.tasks.len()];
-        let mut stack = Vec::new();
         let mut reported = HashSet::new();
         for start in 0..w.tasks.len() {
-            if state[start] == 0 {
-                self.visit(w, start, &mut state, &mut stack, &mut reported);
+            if state[start] != 0 {
+                continue;
             }
-        }
-    }
-
-    fn visit(
-        &mut self,
-        w: &Workflow,
-        ix: TaskIx,
-        state: &mut [u8],
-        stack: &mut Vec<TaskIx>,
-        reported: &mut HashSet<Vec<TaskIx>>,
-    ) {
-        state[ix] = 1;
-        stack.push(ix);
-        for &dep in &w.tasks[ix].needs {
-            match state[dep] {
-                0 => self.visit(w, dep, state, stack, reported),
-                1 => {
-                    let from = stack.iter().position(|&s| s == dep).unwrap_or(0);
-                    let mut cycle: Vec<TaskIx> = stack[from..].to_vec();
-                    let mut key = cycle.clone();
-                    key.sort_unstable();
-                    if reported.insert(key) {
-                        cycle.push(dep);
-                        let names: Vec<&str> = cycle
-                            .iter()
-                            .rev()
-                            .map(|&t| w.tasks[t].id.as_str())
-                            .collect();
-                        let first = w.tasks[dep].pos;
-                        self.err(
-                            Code::Cycle,
-                            first,
-                            format!("dependency cycle: {}", names.join(" → ")),
-                        )
-                        .help = Some("remove one of these `needs` entries".into());
+            // (task, index of the next need to look at)
+            let mut path: Vec<(TaskIx, usize)> = vec![(start, 0)];
+            state[start] = 1;
+            while let Some(&mut (ix, ref mut next)) = path.last_mut() {
+                let Some(&dep) = w.tasks[ix].needs.get(*next) else {
+                    state[ix] = 2;
+                    path.pop();
+                    continue;
+                };
+                *next += 1;
+                match state[dep] {
+                    0 => {
+                        state[dep] = 1;
+                        path.push((dep, 0));
                     }
+                    1 => {
+                        let from = path.iter().position(|&(t, _)| t == dep).unwrap_or(0);
+                        let mut cycle: Vec<TaskIx> = path[from..].iter().map(|&(t, _)| t).collect();
+                        let mut key = cycle.clone();
+                        key.sort_unstable();
+                        if reported.insert(key) {
+                            cycle.push(dep);
+                            let names: Vec<&str> = cycle
+                                .iter()
+                                .rev()
+                                .map(|&t| w.tasks[t].id.as_str())
+                                .collect();
+                            self.err(
+                                Code::Cycle,
+                                w.tasks[dep].pos,
+                                format!("dependency cycle: {}", names.join(" → ")),
+                            )
+                            .help = Some("remove one of these `needs` entries".into());
+                        }
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
         }
-        stack.pop();
-        state[ix] = 2;
     }
 
     fn check_templates(&mut self, w: &Workflow) {
