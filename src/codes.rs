@@ -42,10 +42,10 @@ keys are never ignored, because a silently ignored `timout:` would leave a task 
 its intended limit. The message suggests the closest known key.";
 
     WrongType = 3, "wrong type",
-"A value has the wrong type, e.g. a list where a string is expected:
+"A value has the wrong type, e.g. a string where a number is expected:
 
-    needs: design        # wrong: needs is a list
-    needs: [design]      # right";
+    max_parallel: four   # wrong: a positive integer
+    max_parallel: 4      # right";
 
     MissingKey = 4, "missing required key",
 "A required key is absent. A workflow needs `helix: 1`, `name` and `tasks`; inputs with
@@ -80,9 +80,10 @@ the cycle; remove one of its edges.";
 "A task lists itself in `needs:`. Remove the entry.";
 
     UnknownName = 12, "unknown agent, tool, model or concurrency name",
-"A task or agent refers to an agent, tool or model that is not declared. Declare it under
-`agents:`, `tools:` or `models:`, or use one of the built-in tools (`helix explain HX0012`
-lists them: fs.read, fs.write, fs.list, fs.search).";
+"A task or agent refers to an agent, tool, model or concurrency limit that is not declared.
+Declare it under `agents:`, `tools:`, `models:` or `concurrency:`, or use one of the
+built-in tools: fs.read, fs.write, fs.list, fs.search. The message suggests the closest
+declared name.";
 
     MissingFile = 13, "file not found",
 "A prompt template, script or sub-workflow file does not exist. Paths are relative to the
@@ -94,8 +95,8 @@ This one does not parse. Check the `{{ … }}` and `{% … %}` delimiters and fi
 
     UndefinedVariable = 15, "undefined template variable",
 "A template uses a variable that does not exist. Templates see `inputs.<name>` (declared
-inputs), `tasks.<id>.output|status|error` (tasks this one needs, directly or not),
-`item` (inside `for_each` tasks), `run.id`, `run.dir`, `run.workspace`, and `env.<NAME>`
+inputs), `tasks.<id>.output|status|error|attempts` (tasks this one needs, directly or not),
+`item` (inside `for_each` tasks), `run.id|dir|workspace|workflow|name`, and `env.<NAME>`
 (only names listed under `secrets:` or `env:`). Undefined variables are errors, never
 empty strings.";
 

@@ -69,29 +69,47 @@ impl Diagnostic {
 
     /// Renders the diagnostic with a caret excerpt of `source` (the file's text, when known).
     pub fn render(&self, source: Option<&str>) -> String {
+        let digits = self.pos.map(|p| p.line.to_string().len()).unwrap_or(1);
+        self.render_with_gutter(source, digits)
+    }
+
+    /// Renders with a gutter `gutter` digits wide, so a report's excerpts line up.
+    fn render_with_gutter(&self, source: Option<&str>, gutter: usize) -> String {
         let mut out = String::new();
+        let pad = " ".repeat(gutter);
         let _ = writeln!(out, "error[{}]: {}", self.code, self.message);
-        let _ = writeln!(out, "  --> {}", self.location());
-        if let (Some(pos), Some(text)) = (self.pos, source) {
-            if let Some(line_text) = text.lines().nth(pos.line.saturating_sub(1) as usize) {
-                let number = pos.line.to_string();
-                let gutter = " ".repeat(number.len());
-                let shown: String = line_text.chars().take(160).collect();
-                let indent: String = shown
-                    .chars()
-                    .take(pos.col.saturating_sub(1) as usize)
-                    .map(|c| if c == '\t' { '\t' } else { ' ' })
-                    .collect();
-                let _ = writeln!(out, "{gutter} |");
-                let _ = writeln!(out, "{number} | {shown}");
-                let _ = writeln!(out, "{gutter} | {indent}{}", "^".repeat(self.width));
+        let _ = writeln!(out, "{pad}--> {}", self.location());
+        let excerpt = self.pos.zip(source).and_then(|(pos, text)| {
+            let line = text.lines().nth(pos.line.saturating_sub(1) as usize)?;
+            Some((pos, line))
+        });
+        if let Some((pos, line_text)) = excerpt {
+            // Long lines are shown as a window around the column so the caret stays under it.
+            let chars: Vec<char> = line_text.chars().collect();
+            let col = (pos.col.saturating_sub(1) as usize).min(chars.len());
+            let start = col.saturating_sub(60);
+            let end = (start + 120).min(chars.len());
+            let mut shown: String = chars[start..end].iter().collect();
+            let mut indent: String = chars[start..col]
+                .iter()
+                .map(|&c| if c == '\t' { '\t' } else { ' ' })
+                .collect();
+            if start > 0 {
+                shown.insert(0, '…');
+                indent.insert(0, ' ');
             }
+            if end < chars.len() {
+                shown.push('…');
+            }
+            let _ = writeln!(out, "{pad} |");
+            let _ = writeln!(out, "{:>gutter$} | {shown}", pos.line);
+            let _ = writeln!(out, "{pad} | {indent}{}", "^".repeat(self.width));
         }
         for note in &self.notes {
-            let _ = writeln!(out, "  = note: {note}");
+            let _ = writeln!(out, "{pad} = note: {note}");
         }
         if let Some(help) = &self.help {
-            let _ = writeln!(out, "  = help: {help}");
+            let _ = writeln!(out, "{pad} = help: {help}");
         }
         out
     }
@@ -149,6 +167,12 @@ impl Report {
     pub fn render(&self) -> String {
         let mut sorted: Vec<&Diagnostic> = self.diagnostics.iter().collect();
         sorted.sort_by(|a, b| (&a.file, a.pos).cmp(&(&b.file, b.pos)));
+        let gutter = sorted
+            .iter()
+            .filter_map(|d| d.pos)
+            .map(|p| p.line.to_string().len())
+            .max()
+            .unwrap_or(1);
         let mut out = String::new();
         for d in sorted {
             let text = self
@@ -156,7 +180,7 @@ impl Report {
                 .iter()
                 .find(|(p, _)| *p == d.file)
                 .map(|(_, t)| t.as_str());
-            out.push_str(&d.render(text));
+            out.push_str(&d.render_with_gutter(text, gutter));
             out.push('\n');
         }
         let n = self.diagnostics.len();

@@ -455,9 +455,11 @@ fn secrets_never_reach_the_journal_events_or_logs() {
         "{}",
         logs.stdout()
     );
-    let missing = p.helix(&["apply", &w.to_string_lossy()]).expect(1);
+    let missing = p.helix(&["apply", &w.to_string_lossy()]).expect(2);
     assert!(
-        missing.stderr().contains("secret `API_TOKEN` is not set"),
+        missing
+            .stderr()
+            .contains("secret not set in the environment: API_TOKEN"),
         "{}",
         missing.stderr()
     );
@@ -633,5 +635,34 @@ fn agent_tasks_are_validated_but_fail_clearly_at_run_time() {
         run.stdout().contains("cannot execute them yet"),
         "{}",
         run.stdout()
+    );
+}
+
+#[test]
+fn a_sub_workflow_timeout_stops_the_child_runs_processes() {
+    let p = Project::new();
+    let pidfile = p.path().join("child.pid");
+    p.file(
+        "slow.yaml",
+        &format!(
+            "{HEAD}tasks:\n  wait:\n    run: echo $$ > {}; sleep 30\n",
+            pidfile.display()
+        ),
+    );
+    let w = p.file(
+        "main.yaml",
+        "helix: 1\nname: main\ntasks:\n  call:\n    workflow: slow.yaml\n    timeout: 700ms\n",
+    );
+    let run = p.helix(&["apply", &w.to_string_lossy()]).expect(1);
+    assert!(run.took < Duration::from_secs(15), "took {:?}", run.took);
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("pid number");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !is_running(pid),
+        "the sub-workflow's command {pid} survived the timeout"
     );
 }

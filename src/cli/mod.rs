@@ -139,13 +139,13 @@ pub fn main() -> i32 {
             reject,
             force,
             run,
-        } => resume(&run_id, &approve, &reject, force, None, &run, false),
+        } => resume(&run_id, &approve, &reject, force, None, &run),
         Command::Retry {
             run_id,
             from,
             force,
             run,
-        } => resume(&run_id, &[], &[], force, from.as_deref(), &run, true),
+        } => resume(&run_id, &[], &[], force, from.as_deref(), &run),
         Command::Runs { command } => {
             runs::runs(command.unwrap_or(runs::RunsCommand::List { limit: 20 }))
         }
@@ -190,7 +190,12 @@ fn validate(files: &[PathBuf]) -> i32 {
     let mut failed = false;
     for file in files {
         match workflow::load(file) {
-            Ok(w) => println!("{}: ok ({} tasks)", file.display(), w.tasks.len()),
+            Ok(w) => println!(
+                "{}: ok ({} task{})",
+                file.display(),
+                w.tasks.len(),
+                if w.tasks.len() == 1 { "" } else { "s" }
+            ),
             Err(report) => {
                 failed = true;
                 print_report(&report);
@@ -239,7 +244,8 @@ fn output_mode(requested: Option<OutputMode>) -> OutputMode {
 }
 
 fn open_journal() -> Result<(Journal, PathBuf), i32> {
-    let home = store::home();
+    // Absolute, so `run.dir` and `run.workspace` stay right inside a task's working directory.
+    let home = std::path::absolute(store::home()).unwrap_or_else(|_| store::home());
     match Journal::open(&home) {
         Ok(j) => Ok((j, home)),
         Err(e) => {
@@ -276,6 +282,29 @@ fn apply(file: &Path, input_args: &[String], args: &RunArgs) -> i32 {
             return EXIT_INVALID;
         }
     };
+    let missing: Vec<&str> = wf
+        .secrets
+        .iter()
+        .filter(|s| std::env::var_os(s).is_none())
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        let d = Diagnostic::new(
+            Code::Input,
+            file,
+            None,
+            format!(
+                "secret{} not set in the environment: {}",
+                if missing.len() == 1 { "" } else { "s" },
+                missing.join(", ")
+            ),
+        )
+        .with_help(
+            "export them before `helix apply`; their values never reach the journal or the output",
+        );
+        print_report(&Report::single(d));
+        return EXIT_INVALID;
+    }
     let (journal, home) = match open_journal() {
         Ok(j) => j,
         Err(code) => return code,
@@ -354,15 +383,14 @@ fn print_summary(s: &RunSummary) {
     if let Some(e) = &s.error {
         eprintln!("  {e}");
     }
+    for t in &s.awaiting {
+        eprintln!(
+            "  waiting for approval: {t} — `helix resume {} --approve {t}` (or --reject)",
+            s.run_id
+        );
+    }
     match s.status {
-        RunStatus::AwaitingApproval => {
-            for t in &s.awaiting {
-                eprintln!(
-                    "  waiting for approval: {t} — `helix resume {} --approve {t}` (or --reject)",
-                    s.run_id
-                );
-            }
-        }
+        RunStatus::AwaitingApproval => {}
         RunStatus::Interrupted => eprintln!("  continue with `helix resume {}`", s.run_id),
         RunStatus::Failed => eprintln!(
             "  see `helix runs show {}`; re-run failed work with `helix retry {}`",
@@ -379,7 +407,6 @@ fn resume(
     force: bool,
     from: Option<&str>,
     args: &RunArgs,
-    is_retry: bool,
 ) -> i32 {
     let (journal, home) = match open_journal() {
         Ok(j) => j,
@@ -482,10 +509,6 @@ fn resume(
         serde_json::Value::Object(m) => m,
         _ => serde_json::Map::new(),
     };
-    if is_retry && restored.len() == wf.tasks.len() && from.is_none() {
-        eprintln!("run {}: nothing failed; nothing to retry", run.id);
-        return EXIT_OK;
-    }
     let spec = RunSpec {
         workflow: Arc::new(wf),
         run_id: run.id,

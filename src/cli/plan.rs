@@ -62,7 +62,12 @@ fn print_plan(wf: Arc<Workflow>, inputs: &serde_json::Value, missing: &[String])
                 .get(k)
                 .map(|v| v.to_string())
                 .unwrap_or_else(|| "<missing>".into());
-            println!("  {k}: {} = {value}", d.ty.name());
+            let about = d
+                .description
+                .as_ref()
+                .map(|t| format!("  # {t}"))
+                .unwrap_or_default();
+            println!("  {k}: {} = {value}{about}", d.ty.name());
         }
     }
     for m in missing {

@@ -239,6 +239,16 @@ struct Executor<'a> {
     restored: HashSet<String>,
 }
 
+/// Work outlives nothing: when a run is dropped (a sub-workflow timing out, an error), the
+/// tasks it spawned are aborted, which kills their processes and cancels their scripts.
+impl Drop for Executor<'_> {
+    fn drop(&mut self) {
+        for handle in self.running.values() {
+            handle.abort();
+        }
+    }
+}
+
 impl Executor<'_> {
     async fn run_loop(
         &mut self,
@@ -410,7 +420,7 @@ impl Executor<'_> {
             }
             Json::Object(map) => Json::Object(
                 map.into_iter()
-                    .map(|(k, v)| (k, self.redact_json(v)))
+                    .map(|(k, v)| (self.redact(&k), self.redact_json(v)))
                     .collect(),
             ),
             other => other,

@@ -108,13 +108,17 @@ impl InputType {
                 .parse::<i64>()
                 .map(Json::from)
                 .map_err(|_| expected()),
-            InputType::Number => text
-                .trim()
-                .parse::<f64>()
-                .ok()
-                .and_then(serde_json::Number::from_f64)
-                .map(Json::Number)
-                .ok_or_else(expected),
+            InputType::Number => match text.trim().parse::<i64>() {
+                // Whole numbers stay integers so they compare equal to `enum: [1, 2]`.
+                Ok(i) => Ok(Json::from(i)),
+                Err(_) => text
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .and_then(serde_json::Number::from_f64)
+                    .map(Json::Number)
+                    .ok_or_else(expected),
+            },
             InputType::Boolean => match text.trim() {
                 "true" | "yes" | "1" => Ok(Json::Bool(true)),
                 "false" | "no" | "0" => Ok(Json::Bool(false)),
@@ -286,11 +290,12 @@ impl Retry {
             .backoff
             .saturating_mul(1u32 << exponent)
             .min(self.max_backoff);
-        if self.jitter {
+        let delay = if self.jitter {
             base.mul_f64(0.75 + 0.5 * jitter_unit.clamp(0.0, 1.0))
         } else {
             base
-        }
+        };
+        delay.min(self.max_backoff)
     }
 }
 

@@ -435,7 +435,7 @@ fn ty_schema(ty: Ty) -> Json {
         Ty::PosInt => json!({ "type": "integer", "minimum": 1 }),
         Ty::Num => json!({ "type": "number" }),
         Ty::Duration => {
-            json!({ "type": ["string", "number"], "pattern": "^([0-9.]+(ms|s|m|h|d)?)+$" })
+            json!({ "type": ["string", "number"], "pattern": "^ *([0-9.]+ *(ms|s|secs?|m|mins?|h|hrs?|d|days?)? *)+$" })
         }
         Ty::Size => {
             json!({ "type": ["string", "integer"], "pattern": "^[0-9.]+ *([KMGT]i?B?|[kmgt]i?b?|B)?$" })

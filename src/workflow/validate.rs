@@ -174,9 +174,22 @@ impl<'a> Cx<'a> {
                 .map(|n| n + 2)
                 .unwrap_or(rest.chars().count())
         } else {
-            rest.chars()
-                .position(|c| matches!(c, ':' | ',' | ']' | '}' | '#') || c.is_whitespace())
-                .unwrap_or(rest.chars().count())
+            // A plain block value (`timeout: 5 parsecs`) runs to the end of the line or a
+            // comment; a key or a value inside `{…}`/`[…]` ends at the next delimiter.
+            let before: String = line
+                .chars()
+                .take(pos.col.saturating_sub(1) as usize)
+                .collect();
+            let before = before.trim_end();
+            let in_flow = before.contains('{') || before.contains('[');
+            if !in_flow && (before.ends_with(':') || before.ends_with('-')) {
+                let value = rest.split(" #").next().unwrap_or(&rest).trim_end();
+                value.chars().count()
+            } else {
+                rest.chars()
+                    .position(|c| matches!(c, ':' | ',' | ']' | '}' | '#') || c.is_whitespace())
+                    .unwrap_or(rest.chars().count())
+            }
         };
         width.clamp(1, 80)
     }
@@ -595,7 +608,12 @@ impl<'a> Cx<'a> {
             }
             w.roots = self.tasks(tasks, None, &mut w, &mut pending_needs);
         }
-        w.index = w.tasks.iter().enumerate().map(|(i, t)| (t.id.clone(), i)).collect();
+        w.index = w
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id.clone(), i))
+            .collect();
         self.resolve_needs(&mut w, pending_needs);
         self.check_cycles(&w);
         self.check_templates(&w);
@@ -622,7 +640,16 @@ impl<'a> Cx<'a> {
                         );
                     }
                     None => {
-                        self.one_of(value, &format!("type of {what}"), InputType::NAMES);
+                        let suggestion = did_you_mean(t, InputType::NAMES.iter().copied());
+                        let d = self.err(
+                            Code::InvalidValue,
+                            value.pos,
+                            format!("unknown type `{t}` for {what}"),
+                        );
+                        d.help = Some(match suggestion {
+                            Some(s) => format!("did you mean `{s}`?"),
+                            None => format!("types: {}", InputType::NAMES.join(", ")),
+                        });
                     }
                 }
                 continue;
@@ -815,10 +842,10 @@ impl<'a> Cx<'a> {
                 let source = ScriptSource {
                     lang,
                     code,
-                    name: file.clone(),
+                    name: path.display().to_string(),
                     first_line: 1,
                 };
-                self.check_script(&source, node.pos);
+                self.check_script(&source, node.pos, Some(&path));
                 Some(path)
             }
             Err(e) => {
@@ -833,14 +860,43 @@ impl<'a> Cx<'a> {
         }
     }
 
-    fn check_script(&mut self, source: &ScriptSource, pos: Pos) {
-        if let Err(e) = scripting::check_syntax(source) {
-            let d = self.err(
-                Code::ScriptSyntax,
-                pos,
-                format!("script does not compile: {e}"),
-            );
-            d.notes.push(format!("in {}", source.name));
+    /// Compiles a script; an error points at its line, in the script file or (for inline
+    /// code) in the workflow.
+    fn check_script(&mut self, source: &ScriptSource, pos: Pos, file: Option<&Path>) {
+        let Err(e) = scripting::check_syntax(source) else {
+            return;
+        };
+        let code_lines = source.code.lines().count().max(1) as u32;
+        let first = source.first_line;
+        // Engines may report the line after the last one for an unexpected end of input.
+        let line = e.line.map(|l| l.clamp(first, first + code_lines - 1));
+        let message = format!("script does not compile: {}", e.message);
+        let column_of = |text: &str, line: u32| {
+            let l = text
+                .lines()
+                .nth(line.saturating_sub(1) as usize)
+                .unwrap_or("");
+            (l.chars().take_while(|c| c.is_whitespace()).count() + 1) as u32
+        };
+        match (file, line) {
+            (Some(path), line) => {
+                let at = line.map(|l| Pos::new(l, column_of(&source.code, l)));
+                let d = Diagnostic::new(Code::ScriptSyntax, path, at, message).with_note(format!(
+                    "used by `script:` at {}:{}:{}",
+                    self.file.display(),
+                    pos.line,
+                    pos.col
+                ));
+                self.report.add_source(path, &source.code);
+                self.report.push(d);
+            }
+            (None, Some(l)) => {
+                let at = Pos::new(l, column_of(self.source, l));
+                self.err(Code::ScriptSyntax, at, message);
+            }
+            (None, None) => {
+                self.err(Code::ScriptSyntax, pos, message);
+            }
         }
     }
 
@@ -1279,6 +1335,19 @@ impl<'a> Cx<'a> {
         applies(self, "lang", &["script"]);
         applies(self, "with", &["tool", "workflow"]);
         applies(self, "env", &["run"]);
+        if let (Some(Value::Map(entries)), Some(kind)) =
+            (f.get("output").map(|o| &o.value), kinds.first())
+        {
+            if *kind != "run" {
+                if let Some((k, _)) = entries.iter().find(|(k, _)| k.as_str() == Some("parse")) {
+                    self.err(
+                        Code::InvalidValue,
+                        k.pos,
+                        format!("`output.parse` applies to run tasks (it parses stdout), not to `{kind}` tasks"),
+                    );
+                }
+            }
+        }
         w.tasks.push(decl);
 
         let kind = match kinds.first().copied() {
@@ -1292,7 +1361,7 @@ impl<'a> Cx<'a> {
                 .and_then(|n| self.template(n, "`approve`", Some(ix), has_item, false))
                 .map(|message| TaskKind::Approve { message }),
             Some("tasks") => {
-                for key in ["for_each", "retry", "output", "concurrency"] {
+                for key in ["for_each", "retry", "output", "concurrency", "timeout"] {
                     if let Some(k) = f.key_node(key) {
                         self.err(
                             Code::InvalidValue,
@@ -1412,7 +1481,7 @@ impl<'a> Cx<'a> {
                 source: ScriptSource {
                     lang,
                     code,
-                    name: text.trim().to_string(),
+                    name: path.display().to_string(),
                     first_line: 1,
                 },
             });
@@ -1441,7 +1510,7 @@ impl<'a> Cx<'a> {
             name: self.file.display().to_string(),
             first_line,
         };
-        self.check_script(&source, n.pos);
+        self.check_script(&source, n.pos, None);
         Some(TaskKind::Script { source })
     }
 
@@ -1929,16 +1998,19 @@ impl<'a> Cx<'a> {
 }
 
 fn check_name(cx: &mut Cx, name: &str, pos: Pos, what: &str) {
-    let ok = !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    let ok = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !ok {
-        cx.err(
+        let d = cx.err(
             Code::InvalidValue,
             pos,
-            format!("invalid {what} name `{name}`: use letters, digits, `_` and `-`"),
+            format!("invalid {what} name `{name}`: use letters, digits and `_`"),
         );
+        if name.contains('-') {
+            d.help = Some(format!(
+                "`{}` would work; templates would read `{name}` as a subtraction",
+                name.replace('-', "_")
+            ));
+        }
     }
 }
 

@@ -126,15 +126,40 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
     }
 }
 
-/// saphyr prints "line N column M" and sometimes a snippet; we render our own excerpt.
+/// saphyr's messages are written for programmers ("set DuplicateKeyPolicy…", budget structs);
+/// this says the same for the author of the file. We render our own excerpt.
 fn first_line(message: &str) -> String {
     let line = message.lines().next().unwrap_or("invalid YAML").trim();
-    let trimmed = match line.find(" at line ") {
+    let line = match line.find(" at line ") {
         Some(i) => &line[..i],
         None => line,
     };
-    trimmed.trim_start_matches("error: ").to_string()
+    let line = line.trim_start_matches("error: ");
+    if let Some(rest) = line.strip_prefix("duplicate mapping key: ") {
+        let key = rest
+            .split(", set DuplicateKeyPolicy")
+            .next()
+            .unwrap_or(rest)
+            .trim();
+        return format!("duplicate key `{key}`: the second one would silently replace the first");
+    }
+    if line.starts_with("budget breached") {
+        return if line.contains("Depth") {
+            format!("nesting deeper than {MAX_DEPTH} levels")
+        } else if line.contains("Alias") || line.contains("Nodes") || line.contains("Anchor") {
+            "the document expands to too many nodes through aliases (an alias bomb?)".to_string()
+        } else {
+            "the document is too large or complex to read safely".to_string()
+        };
+    }
+    if line.contains("recursion limit exceeded") {
+        return format!("nesting deeper than {MAX_DEPTH} levels");
+    }
+    line.to_string()
 }
+
+/// serde-saphyr's default nesting budget, which we keep.
+const MAX_DEPTH: usize = 64;
 
 fn pos_of(location: &serde_saphyr::Location) -> Pos {
     let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
