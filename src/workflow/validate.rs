@@ -34,7 +34,9 @@ fn load_nested(path: &Path, stack: &mut Vec<PathBuf>) -> Result<Workflow, Report
     let root = match yaml::parse(&text) {
         Ok(root) => root,
         Err(e) => {
-            report.push(Diagnostic::new(Code::YamlSyntax, path, e.pos, e.message));
+            let width = e.pos.map_or(1, |p| token_width(&text, p));
+            report
+                .push(Diagnostic::new(Code::YamlSyntax, path, e.pos, e.message).with_width(width));
             return Err(report);
         }
     };
@@ -158,40 +160,7 @@ impl<'a> Cx<'a> {
 
     /// Underlines the token at `pos` (up to the next delimiter) in the caret excerpt.
     fn token_width(&self, pos: Pos) -> usize {
-        let Some(line) = self.source.lines().nth(pos.line.saturating_sub(1) as usize) else {
-            return 1;
-        };
-        let rest: String = line
-            .chars()
-            .skip(pos.col.saturating_sub(1) as usize)
-            .collect();
-        let quoted = rest.starts_with('"') || rest.starts_with('\'');
-        let width = if quoted {
-            let q = rest.chars().next().unwrap_or('"');
-            rest.chars()
-                .skip(1)
-                .position(|c| c == q)
-                .map(|n| n + 2)
-                .unwrap_or(rest.chars().count())
-        } else {
-            // A plain block value (`timeout: 5 parsecs`) runs to the end of the line or a
-            // comment; a key or a value inside `{…}`/`[…]` ends at the next delimiter.
-            let before: String = line
-                .chars()
-                .take(pos.col.saturating_sub(1) as usize)
-                .collect();
-            let before = before.trim_end();
-            let in_flow = before.contains('{') || before.contains('[');
-            if !in_flow && (before.ends_with(':') || before.ends_with('-')) {
-                let value = rest.split(" #").next().unwrap_or(&rest).trim_end();
-                value.chars().count()
-            } else {
-                rest.chars()
-                    .position(|c| matches!(c, ':' | ',' | ']' | '}' | '#') || c.is_whitespace())
-                    .unwrap_or(rest.chars().count())
-            }
-        };
-        width.clamp(1, 80)
+        token_width(self.source, pos)
     }
 
     fn relative(&self, path: &str) -> PathBuf {
@@ -852,7 +821,7 @@ impl<'a> Cx<'a> {
                 self.err(
                     Code::MissingFile,
                     node.pos,
-                    format!("script `{file}` cannot be read: {e}"),
+                    format!("script `{file}` {}", io_problem(&e)),
                 )
                 .help = Some(format!("paths are relative to {}", self.dir.display()));
                 None
@@ -1007,7 +976,7 @@ impl<'a> Cx<'a> {
                     self.err(
                         Code::MissingFile,
                         node.pos,
-                        format!("prompt template `{text}` cannot be read: {e}"),
+                        format!("prompt template `{text}` {}", io_problem(&e)),
                     )
                     .help = Some(format!("paths are relative to {}", self.dir.display()));
                     None
@@ -1994,6 +1963,53 @@ impl<'a> Cx<'a> {
                 w.tasks[target].id, w.tasks[reader].id
             ));
         }
+    }
+}
+
+/// How many characters of the token at `pos` the caret underlines.
+fn token_width(source: &str, pos: Pos) -> usize {
+    let Some(line) = source.lines().nth(pos.line.saturating_sub(1) as usize) else {
+        return 1;
+    };
+    let rest: String = line
+        .chars()
+        .skip(pos.col.saturating_sub(1) as usize)
+        .collect();
+    let quoted = rest.starts_with('"') || rest.starts_with('\'');
+    let width = if quoted {
+        let q = rest.chars().next().unwrap_or('"');
+        rest.chars()
+            .skip(1)
+            .position(|c| c == q)
+            .map(|n| n + 2)
+            .unwrap_or(rest.chars().count())
+    } else {
+        // A plain block value (`timeout: 5 parsecs`) runs to the end of the line or a
+        // comment; a key or a value inside `{…}`/`[…]` ends at the next delimiter.
+        let before: String = line
+            .chars()
+            .take(pos.col.saturating_sub(1) as usize)
+            .collect();
+        let before = before.trim_end();
+        let in_flow = before.contains('{') || before.contains('[');
+        if !in_flow && (before.ends_with(':') || before.ends_with('-')) {
+            let value = rest.split(" #").next().unwrap_or(&rest).trim_end();
+            value.chars().count()
+        } else {
+            rest.chars()
+                .position(|c| matches!(c, ':' | ',' | ']' | '}' | '#') || c.is_whitespace())
+                .unwrap_or(rest.chars().count())
+        }
+    };
+    width.clamp(1, 80)
+}
+
+/// "not found" reads better than "No such file or directory (os error 2)".
+fn io_problem(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "not found".to_string(),
+        std::io::ErrorKind::InvalidData => "is not UTF-8 text".to_string(),
+        _ => format!("cannot be read: {e}"),
     }
 }
 
