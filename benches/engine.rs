@@ -35,7 +35,8 @@ struct Measured {
     status: i32,
 }
 
-/// Runs the binary and reads its peak RSS from `wait4`.
+/// Runs the binary and reads its peak RSS from `wait4`, which also reaps the child.
+#[allow(clippy::zombie_processes)]
 fn measure(args: &[&str], home: &Path) -> Measured {
     let t0 = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_helix"))
@@ -50,7 +51,11 @@ fn measure(args: &[&str], home: &Path) -> Measured {
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: waiting for our own child; both out-pointers are valid for writes.
     unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
-    Measured { wall: t0.elapsed(), max_rss_kib: usage.ru_maxrss, status: libc::WEXITSTATUS(status) }
+    Measured {
+        wall: t0.elapsed(),
+        max_rss_kib: usage.ru_maxrss,
+        status: libc::WEXITSTATUS(status),
+    }
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -72,16 +77,32 @@ fn main() {
             m.wall
         })
         .collect();
-    println!("validate 1,000 tasks: median {:.1} ms (min {:.1} ms)", ms(median(runs.clone())), ms(*runs.iter().min().unwrap_or(&Duration::ZERO)));
+    println!(
+        "validate 1,000 tasks: median {:.1} ms (min {:.1} ms)",
+        ms(median(runs.clone())),
+        ms(*runs.iter().min().unwrap_or(&Duration::ZERO))
+    );
 
     let one = dir.path().join("one.yaml");
     std::fs::write(&one, chains_workflow(1, 1, false)).expect("write");
     let o = one.to_string_lossy().to_string();
-    let startup = median((0..5).map(|_| measure(&["apply", &o, "--output", "plain"], &home).wall).collect());
-    println!("apply of a 1-task workflow (startup + journal setup): {:.1} ms", ms(startup));
+    let startup = median(
+        (0..5)
+            .map(|_| measure(&["apply", &o, "--output", "plain"], &home).wall)
+            .collect(),
+    );
+    println!(
+        "apply of a 1-task workflow (startup + journal setup): {:.1} ms",
+        ms(startup)
+    );
 
     // The script alone, in-process, as many times as the big workflow runs it.
-    let source = helix::scripting::ScriptSource { lang: helix::scripting::Lang::Rhai, code: "1 + 1".into(), name: "bench".into(), first_line: 1 };
+    let source = helix::scripting::ScriptSource {
+        lang: helix::scripting::Lang::Rhai,
+        code: "1 + 1".into(),
+        name: "bench".into(),
+        first_line: 1,
+    };
     let globals = serde_json::Map::new();
     let limits = helix::scripting::Limits::default();
     let t0 = Instant::now();
@@ -89,16 +110,24 @@ fn main() {
         helix::scripting::run(&source, &globals, &limits).expect("script");
     }
     let scripts = t0.elapsed();
-    println!("10,000 script executions in-process, no engine: {:.0} ms ({:.1} µs each)", ms(scripts), scripts.as_secs_f64() * 1e6 / 10_000.0);
+    println!(
+        "10,000 script executions in-process, no engine: {:.0} ms ({:.1} µs each)",
+        ms(scripts),
+        scripts.as_secs_f64() * 1e6 / 10_000.0
+    );
 
     let big = dir.path().join("apply-10000.yaml");
     std::fs::write(&big, chains_workflow(100, 100, false)).expect("write");
     let b = big.to_string_lossy().to_string();
     for parallel in ["8", "100"] {
-        let m = measure(&["apply", &b, "--output", "plain", "--max-parallel", parallel], &home);
+        let m = measure(
+            &["apply", &b, "--output", "plain", "--max-parallel", parallel],
+            &home,
+        );
         assert_eq!(m.status, 0, "apply failed");
         let per_task = m.wall.as_secs_f64() * 1e6 / 10_000.0;
-        let overhead = (m.wall.saturating_sub(startup).saturating_sub(scripts)).as_secs_f64() * 1e6 / 10_000.0;
+        let overhead =
+            (m.wall.saturating_sub(startup).saturating_sub(scripts)).as_secs_f64() * 1e6 / 10_000.0;
         println!(
             "apply 10,000 tasks (--max-parallel {parallel}): {:.2} s wall, {per_task:.0} µs/task, engine overhead ≈ {overhead:.0} µs/task, peak RSS {:.1} MB",
             m.wall.as_secs_f64(),

@@ -800,7 +800,11 @@ impl Executor<'_> {
 
     fn build_work(&self, m: &Machine, n: NodeId) -> Result<Work, String> {
         let decl = &self.wf.tasks[m.nodes[n].decl];
-        let ctx = self.context(m, n);
+        // Scripts get globals, not templates: skip building the template context for them.
+        let ctx = match decl.kind {
+            TaskKind::Script { .. } => minijinja::Value::UNDEFINED,
+            _ => self.context(m, n),
+        };
         let render = |what: &str, text: &str| {
             prompt::render(&self.templates, text, &ctx).map_err(|e| format!("{what}: {e}"))
         };

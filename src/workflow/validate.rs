@@ -635,7 +635,7 @@ impl<'a> Cx<'a> {
             };
             let default = f.get("default").map(Node::to_json);
             if let (Some(d), Some(n)) = (&default, f.get("default")) {
-                if !ty.accepts(d) && !(ty == InputType::Number && d.is_number()) {
+                if !ty.accepts(d) {
                     self.err(
                         Code::WrongType,
                         n.pos,
