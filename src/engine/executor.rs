@@ -214,6 +214,8 @@ pub async fn execute(
         started: HashMap::new(),
         failure: None,
         restored: restored_keys.clone(),
+        pending: Vec::new(),
+        deferred: Vec::new(),
     };
     let mut machine = Machine::new(&wf, opts.max_parallel, restored_keys);
     ex.run_loop(&mut machine, rx, spec.resumed).await
@@ -237,7 +239,13 @@ struct Executor<'a> {
     started: HashMap<NodeId, Instant>,
     failure: Option<String>,
     restored: HashSet<String>,
+    /// Events of this turn of the loop, committed together (group commit) before they are
+    /// shown and before the work they announce starts.
+    pending: Vec<Event>,
+    deferred: Vec<(NodeId, WorkFuture)>,
 }
+
+type WorkFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Work outlives nothing: when a run is dropped (a sub-workflow timing out, an error), the
 /// tasks it spawned are aborted, which kills their processes and cancels their scripts.
@@ -278,6 +286,7 @@ impl Executor<'_> {
                 let actions = m.handle(ev);
                 self.apply(m, actions, &mut queue)?;
             }
+            self.flush()?;
             if m.is_quiescent() {
                 break;
             }
@@ -285,6 +294,10 @@ impl Executor<'_> {
                 msg = rx.recv() => {
                     let Some(msg) = msg else { break };
                     self.on_message(m, msg, &mut queue)?;
+                    // Take whatever else finished meanwhile into the same commit.
+                    while let Ok(more) = rx.try_recv() {
+                        self.on_message(m, more, &mut queue)?;
+                    }
                 }
                 _ = &mut deadline, if wall.is_some() && self.failure.is_none() => {
                     let limit = wall.map(crate::workflow::units::human_duration).unwrap_or_default();
@@ -307,6 +320,10 @@ impl Executor<'_> {
         queue: &mut VecDeque<MEvent>,
     ) -> Result<(), EngineError> {
         queue.push_back(MEvent::Cancel);
+        // Work announced this turn but not started never starts; what was announced is kept
+        // (and marked interrupted below) so the journal tells the truth.
+        self.deferred.clear();
+        self.flush()?;
         // Aborting drops the work future, which kills its processes and stops its scripts.
         for (_, handle) in self.running.drain() {
             handle.abort();
@@ -369,6 +386,7 @@ impl Executor<'_> {
             skipped,
             error: error.clone(),
         })?;
+        self.flush()?;
         self.sink.finish();
         let mut outputs = serde_json::Map::new();
         if let Ok(results) = self.results.read() {
@@ -393,9 +411,26 @@ impl Executor<'_> {
     }
 
     /// Journals an event, then shows it.
+    /// Queues an event for this turn's commit.
     fn record(&mut self, event: Event) -> Result<(), EngineError> {
-        self.journal.record(&event)?;
-        self.sink.emit(&event);
+        self.pending.push(event);
+        Ok(())
+    }
+
+    /// Commits this turn's events in one transaction, then shows them, then starts the work
+    /// they announced: nothing is visible or running before it is durable.
+    fn flush(&mut self) -> Result<(), EngineError> {
+        if !self.pending.is_empty() {
+            let events = std::mem::take(&mut self.pending);
+            self.journal.record_all(&events)?;
+            for e in &events {
+                self.sink.emit(e);
+            }
+        }
+        for (n, work) in self.deferred.drain(..) {
+            let handle = tokio::spawn(work);
+            self.running.insert(n, handle.abort_handle());
+        }
         Ok(())
     }
 
@@ -707,7 +742,7 @@ impl Executor<'_> {
             _ => decl.timeout,
         };
         let tx = self.tx.clone();
-        let handle = tokio::spawn(async move {
+        let work: WorkFuture = Box::pin(async move {
             let cancel = Arc::new(AtomicBool::new(false));
             let _guard = CancelOnDrop(cancel.clone());
             let fut = perform(work, cancel.clone());
@@ -738,7 +773,7 @@ impl Executor<'_> {
                 logs,
             });
         });
-        self.running.insert(n, handle.abort_handle());
+        self.deferred.push((n, work));
         Ok(())
     }
 
@@ -764,6 +799,7 @@ impl Executor<'_> {
         } else if self.opts.approve_all {
             Some((true, "--approve-all"))
         } else if self.opts.interactive {
+            self.flush()?;
             let mut answer = None;
             let q = question.clone();
             self.sink.suspend(&mut || {

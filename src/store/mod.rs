@@ -219,81 +219,15 @@ impl Journal {
 
     /// Applies an event to the run and task tables and appends it to the log, atomically.
     pub fn record(&mut self, event: &Event) -> Result<(), JournalError> {
+        self.record_all(std::slice::from_ref(event))
+    }
+
+    /// Applies several events in one transaction (group commit): all or none are durable.
+    pub fn record_all(&mut self, events: &[Event]) -> Result<(), JournalError> {
         let tx = self.conn.transaction()?;
-        let data = serde_json::to_string(event).unwrap_or_else(|_| "{}".into());
-        match event {
-            Event::RunStarted { run, ts, .. } => {
-                tx.prepare_cached(
-                    "UPDATE runs SET status = 'running', pid = ?2, updated_ms = ?3 WHERE id = ?1",
-                )?
-                .execute(params![run, std::process::id(), *ts as i64])?;
-            }
-            Event::TaskStarted {
-                run,
-                ts,
-                task,
-                attempt,
-                ..
-            } => {
-                tx.prepare_cached(
-                    "INSERT INTO tasks (run, key, status, attempt, started_ms) VALUES (?1, ?2, 'running', ?3, ?4)
-                     ON CONFLICT (run, key) DO UPDATE SET status = 'running', attempt = ?3, started_ms = ?4, error = NULL, reason = NULL",
-                )?
-                .execute(params![run, task, attempt, *ts as i64])?;
-            }
-            Event::TaskRetrying {
-                run,
-                task,
-                attempt,
-                error,
-                ..
-            } => {
-                tx.prepare_cached("UPDATE tasks SET status = 'retrying', attempt = ?3, error = ?4 WHERE run = ?1 AND key = ?2")?
-                    .execute(params![run, task, attempt, error])?;
-            }
-            Event::ApprovalRequested { run, task, ts, .. } => {
-                tx.prepare_cached(
-                    "INSERT INTO tasks (run, key, status, attempt, started_ms) VALUES (?1, ?2, 'awaiting_approval', 1, ?3)
-                     ON CONFLICT (run, key) DO UPDATE SET status = 'awaiting_approval'",
-                )?
-                .execute(params![run, task, *ts as i64])?;
-            }
-            Event::TaskFinished {
-                run,
-                ts,
-                task,
-                status,
-                attempt,
-                duration_ms,
-                output,
-                error,
-                reason,
-            } => {
-                let output = output.as_ref().map(|o| o.to_string());
-                tx.prepare_cached(
-                    "INSERT INTO tasks (run, key, status, attempt, output, error, reason, finished_ms, duration_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                     ON CONFLICT (run, key) DO UPDATE SET status = ?3, attempt = ?4, output = ?5, error = ?6, reason = ?7, finished_ms = ?8, duration_ms = ?9",
-                )?
-                .execute(params![run, task, status, attempt, output, error, reason, *ts as i64, *duration_ms as i64])?;
-            }
-            Event::RunFinished {
-                run,
-                ts,
-                status,
-                error,
-                ..
-            } => {
-                tx.prepare_cached("UPDATE runs SET status = ?2, error = ?3, updated_ms = ?4, finished_ms = ?4 WHERE id = ?1")?
-                    .execute(params![run, status, error, *ts as i64])?;
-            }
-            Event::TaskExpanded { .. } => {}
+        for event in events {
+            apply_event(&tx, event)?;
         }
-        let (run, ts) = event_run_ts(event);
-        tx.prepare_cached(
-            "INSERT INTO events (run, ts, kind, task, data) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?
-        .execute(params![run, ts as i64, event.kind(), event.task(), data])?;
         tx.commit()?;
         Ok(())
     }
@@ -510,6 +444,85 @@ impl Journal {
         tx.commit()?;
         Ok(doomed.len())
     }
+}
+
+/// Applies one event to the run and task tables and appends it to the event log.
+fn apply_event(tx: &rusqlite::Transaction, event: &Event) -> Result<(), JournalError> {
+    let data = serde_json::to_string(event).unwrap_or_else(|_| "{}".into());
+    match event {
+        Event::RunStarted { run, ts, .. } => {
+            tx.prepare_cached(
+                "UPDATE runs SET status = 'running', pid = ?2, updated_ms = ?3 WHERE id = ?1",
+            )?
+            .execute(params![run, std::process::id(), *ts as i64])?;
+        }
+        Event::TaskStarted {
+            run,
+            ts,
+            task,
+            attempt,
+            ..
+        } => {
+            tx.prepare_cached(
+                "INSERT INTO tasks (run, key, status, attempt, started_ms) VALUES (?1, ?2, 'running', ?3, ?4)
+                 ON CONFLICT (run, key) DO UPDATE SET status = 'running', attempt = ?3, started_ms = ?4, error = NULL, reason = NULL",
+            )?
+            .execute(params![run, task, attempt, *ts as i64])?;
+        }
+        Event::TaskRetrying {
+            run,
+            task,
+            attempt,
+            error,
+            ..
+        } => {
+            tx.prepare_cached("UPDATE tasks SET status = 'retrying', attempt = ?3, error = ?4 WHERE run = ?1 AND key = ?2")?
+                .execute(params![run, task, attempt, error])?;
+        }
+        Event::ApprovalRequested { run, task, ts, .. } => {
+            tx.prepare_cached(
+                "INSERT INTO tasks (run, key, status, attempt, started_ms) VALUES (?1, ?2, 'awaiting_approval', 1, ?3)
+                 ON CONFLICT (run, key) DO UPDATE SET status = 'awaiting_approval'",
+            )?
+            .execute(params![run, task, *ts as i64])?;
+        }
+        Event::TaskFinished {
+            run,
+            ts,
+            task,
+            status,
+            attempt,
+            duration_ms,
+            output,
+            error,
+            reason,
+        } => {
+            let output = output.as_ref().map(|o| o.to_string());
+            tx.prepare_cached(
+                "INSERT INTO tasks (run, key, status, attempt, output, error, reason, finished_ms, duration_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (run, key) DO UPDATE SET status = ?3, attempt = ?4, output = ?5, error = ?6, reason = ?7, finished_ms = ?8, duration_ms = ?9",
+            )?
+            .execute(params![run, task, status, attempt, output, error, reason, *ts as i64, *duration_ms as i64])?;
+        }
+        Event::RunFinished {
+            run,
+            ts,
+            status,
+            error,
+            ..
+        } => {
+            tx.prepare_cached("UPDATE runs SET status = ?2, error = ?3, updated_ms = ?4, finished_ms = ?4 WHERE id = ?1")?
+                .execute(params![run, status, error, *ts as i64])?;
+        }
+        Event::TaskExpanded { .. } => {}
+    }
+    let (run, ts) = event_run_ts(event);
+    tx.prepare_cached(
+        "INSERT INTO events (run, ts, kind, task, data) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![run, ts as i64, event.kind(), event.task(), data])?;
+    Ok(())
 }
 
 const RUN_COLUMNS: &str = "SELECT id, parent, workflow_path, workflow_name, workflow_hash, inputs, status, error, pid, created_ms, finished_ms FROM runs";
