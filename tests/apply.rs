@@ -666,3 +666,20 @@ fn a_sub_workflow_timeout_stops_the_child_runs_processes() {
         "the sub-workflow's command {pid} survived the timeout"
     );
 }
+
+#[test]
+fn a_custom_rhai_tool_gets_its_declared_defaults() {
+    let p = Project::new();
+    p.file("tools/greet.rhai", "`${args.greeting}, ${args.name}!`\n");
+    let w = p.file(
+        "w.yaml",
+        "helix: 1\nname: t\ntools:\n  greet:\n    script: tools/greet.rhai\n    params:\n      name: { type: string }\n      greeting: { type: string, default: Hello }\ntasks:\n  hi:\n    tool: greet\n    with: { name: Ada }\n  bad:\n    tool: greet\n    with: { nme: Ada }\n",
+    );
+    p.helix(&["apply", &w.to_string_lossy()]).expect(1);
+    assert_eq!(p.task("hi").output, Some(serde_json::json!("Hello, Ada!")));
+    assert!(p
+        .task("bad")
+        .error
+        .unwrap_or_default()
+        .contains("has no parameter `nme`"));
+}

@@ -875,9 +875,13 @@ impl Executor<'_> {
                 }
             }
             TaskKind::Tool { tool, with } => {
-                let args = prompt::render_json(&self.templates, with, &ctx)
+                let mut args = prompt::render_json(&self.templates, with, &ctx)
                     .map_err(|e| format!("`with`: {e}"))?;
-                let custom = self.wf.tools.get(tool).map(|t| t.script.clone());
+                let decl = self.wf.tools.get(tool);
+                if let (Some(decl), Json::Object(given)) = (decl, &mut args) {
+                    apply_param_defaults(tool, &decl.params, given)?;
+                }
+                let custom = decl.map(|t| t.script.clone());
                 Work::Tool {
                     name: tool.clone(),
                     args,
@@ -1023,6 +1027,33 @@ impl Executor<'_> {
             reason: None,
         })
     }
+}
+
+/// Fills a custom tool's missing arguments from its `params` defaults and refuses unknown
+/// or missing ones, so the script sees exactly what the tool declares.
+fn apply_param_defaults(
+    tool: &str,
+    params: &Json,
+    given: &mut serde_json::Map<String, Json>,
+) -> Result<(), String> {
+    let Json::Object(params) = params else {
+        return Ok(());
+    };
+    if let Some(unknown) = given.keys().find(|k| !params.contains_key(*k)) {
+        return Err(format!("tool `{tool}` has no parameter `{unknown}`"));
+    }
+    for (name, spec) in params {
+        if given.contains_key(name) {
+            continue;
+        }
+        match spec.get("default") {
+            Some(d) => {
+                given.insert(name.clone(), d.clone());
+            }
+            None => return Err(format!("tool `{tool}` needs the argument `{name}`")),
+        }
+    }
+    Ok(())
 }
 
 /// Applies `output.parse` and `output.schema` to a task's raw output.
