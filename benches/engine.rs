@@ -107,7 +107,7 @@ fn main() {
     let limits = helix::scripting::Limits::default();
     let t0 = Instant::now();
     for _ in 0..10_000 {
-        helix::scripting::run(&source, &globals, &limits).expect("script");
+        helix::scripting::run_on_current_thread(&source, &globals, &limits).expect("script");
     }
     let scripts = t0.elapsed();
     println!(

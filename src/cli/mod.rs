@@ -258,6 +258,8 @@ fn open_journal() -> Result<(Journal, PathBuf), i32> {
 fn runtime() -> Result<tokio::runtime::Runtime, i32> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Scripts run on the blocking pool's threads and need room for deep recursion.
+        .thread_stack_size(crate::scripting::SCRIPT_STACK_BYTES)
         .build()
         .map_err(|e| {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -150,8 +150,10 @@ async fn run_script(
         cancel,
         ..Limits::default()
     };
-    let joined =
-        tokio::task::spawn_blocking(move || scripting::run(&source, &globals, &limits)).await;
+    let joined = tokio::task::spawn_blocking(move || {
+        scripting::run_on_current_thread(&source, &globals, &limits)
+    })
+    .await;
     match joined {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) if e.kind == ScriptErrorKind::Timeout => Err(WorkError {

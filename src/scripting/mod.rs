@@ -6,6 +6,7 @@
 //! owns what both share: the source, the limits, the error and the thread a script runs on.
 
 mod lua;
+// Referred to as `self::rhai`, since the crate it wraps has the same name.
 mod rhai;
 
 use std::path::Path;
@@ -22,7 +23,7 @@ const MAX_RESULT_DEPTH: usize = 128;
 /// Scripts run on a thread of their own so that the engines' own recursion limits, not the
 /// caller's (often 2 MiB) stack, decide where deep recursion stops. The stack is only
 /// reserved; pages are committed as they are touched.
-const SCRIPT_STACK_BYTES: usize = 64 << 20;
+pub const SCRIPT_STACK_BYTES: usize = 64 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lang {
@@ -90,7 +91,10 @@ impl Limits {
     fn interruption(&self) -> Option<ScriptErrorKind> {
         if self.cancel.load(Ordering::Relaxed) {
             Some(ScriptErrorKind::Cancelled)
-        } else if self.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+        } else if self
+            .deadline
+            .is_some_and(|deadline| Instant::now() >= deadline)
+        {
             Some(ScriptErrorKind::Timeout)
         } else {
             None
@@ -106,10 +110,11 @@ impl Limits {
             ScriptErrorKind::MemoryLimit => {
                 format!("memory limit of {} exceeded", ByteSize(self.memory_bytes))
             }
-            ScriptErrorKind::Timeout => "deadline exceeded: the script ran out of time".into(),
+            ScriptErrorKind::Timeout => "deadline exceeded".into(),
             ScriptErrorKind::Cancelled => "cancelled".into(),
+            // Not limits: nothing stops a script for these, so there is nothing to name.
             ScriptErrorKind::Syntax | ScriptErrorKind::Runtime | ScriptErrorKind::Value => {
-                format!("{kind:?} limit exceeded")
+                "stopped".into()
             }
         }
     }
@@ -121,7 +126,10 @@ struct ByteSize(usize);
 impl std::fmt::Display for ByteSize {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let units = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
-        match units.iter().find(|(size, _)| self.0 >= *size && self.0 % size == 0) {
+        match units
+            .iter()
+            .find(|(size, _)| self.0 >= *size && self.0 % size == 0)
+        {
             Some((size, unit)) => write!(f, "{} {unit}", self.0 / size),
             None => write!(f, "{} bytes", self.0),
         }
@@ -166,11 +174,45 @@ impl ScriptError {
     }
 }
 
-/// Compiles the script without running it (`helix validate`).
+/// Compiles the script without running it (`helix validate`). Both parsers bound their own
+/// nesting, so this runs on the caller's thread: a workflow may hold thousands of scripts.
 pub fn check_syntax(src: &ScriptSource) -> Result<(), ScriptError> {
-    on_script_thread(src, || match src.lang {
+    without_panics(src, || match src.lang {
         Lang::Lua => lua::check_syntax(src),
         Lang::Rhai => self::rhai::check_syntax(src),
+    })
+}
+
+/// Like [`run`], on the calling thread, which must have a stack of [`SCRIPT_STACK_BYTES`]
+/// (the engine's runtime gives its threads one). Saves a thread per script.
+pub fn run_on_current_thread(
+    src: &ScriptSource,
+    globals: &Map<String, Json>,
+    limits: &Limits,
+) -> Result<Json, ScriptError> {
+    without_panics(src, || match src.lang {
+        Lang::Lua => lua::run(src, globals, limits),
+        Lang::Rhai => self::rhai::run(src, globals, limits),
+    })
+}
+
+/// A panic inside an engine becomes an error instead of taking the caller down.
+fn without_panics<T>(
+    src: &ScriptSource,
+    work: impl FnOnce() -> Result<T, ScriptError>,
+) -> Result<T, ScriptError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+        let reason = panic
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("unknown cause");
+        Err(ScriptError::new(
+            src,
+            None,
+            ScriptErrorKind::Runtime,
+            format!("the script engine failed: {reason}"),
+        ))
     })
 }
 
@@ -193,7 +235,8 @@ fn on_script_thread<T: Send>(
     src: &ScriptSource,
     work: impl FnOnce() -> Result<T, ScriptError> + Send,
 ) -> Result<T, ScriptError> {
-    let runtime_error = |message: String| ScriptError::new(src, None, ScriptErrorKind::Runtime, message);
+    let runtime_error =
+        |message: String| ScriptError::new(src, None, ScriptErrorKind::Runtime, message);
     std::thread::scope(|scope| {
         let thread = std::thread::Builder::new()
             .name("helix-script".into())
@@ -217,10 +260,20 @@ mod testing {
     use super::*;
 
     pub fn source(lang: Lang, name: &str, first_line: u32, code: &str) -> ScriptSource {
-        ScriptSource { lang, code: code.into(), name: name.into(), first_line }
+        ScriptSource {
+            lang,
+            code: code.into(),
+            name: name.into(),
+            first_line,
+        }
     }
 
-    pub fn run_with(lang: Lang, code: &str, globals: Json, limits: &Limits) -> Result<Json, ScriptError> {
+    pub fn run_with(
+        lang: Lang,
+        code: &str,
+        globals: Json,
+        limits: &Limits,
+    ) -> Result<Json, ScriptError> {
         let globals = globals.as_object().cloned().unwrap_or_default();
         run(&source(lang, "test", 1, code), &globals, limits)
     }
@@ -238,7 +291,10 @@ mod testing {
 
     /// Limits that let an endless loop run until the deadline or the cancel flag stops it.
     pub fn unbounded_instructions() -> Limits {
-        Limits { max_instructions: u64::MAX, ..Limits::default() }
+        Limits {
+            max_instructions: u64::MAX,
+            ..Limits::default()
+        }
     }
 }
 
@@ -282,11 +338,21 @@ mod tests {
     fn both_languages_see_the_same_globals_and_return_the_same_json() {
         let globals = json!({ "inputs": { "files": ["a.rs", "b.rs"], "count": 2 } });
         for (lang, code) in [
-            (Lang::Lua, "return { n = inputs.count * 2, first = inputs.files[1] }"),
-            (Lang::Rhai, "#{ n: inputs.count * 2, first: inputs.files[0] }"),
+            (
+                Lang::Lua,
+                "return { n = inputs.count * 2, first = inputs.files[1] }",
+            ),
+            (
+                Lang::Rhai,
+                "#{ n: inputs.count * 2, first: inputs.files[0] }",
+            ),
         ] {
             let value = testing::run_with(lang, code, globals.clone(), &Limits::default());
-            assert_eq!(value.ok(), Some(json!({ "first": "a.rs", "n": 4 })), "{lang:?}");
+            assert_eq!(
+                value.ok(),
+                Some(json!({ "first": "a.rs", "n": 4 })),
+                "{lang:?}"
+            );
         }
     }
 }
