@@ -57,6 +57,9 @@ fn load_nested(path: &Path, stack: &mut Vec<PathBuf>) -> Result<Workflow, Report
         file: path.to_path_buf(),
         dir,
         source: &text,
+        line_starts: std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect(),
         report,
         templates: Vec::new(),
         stack,
@@ -119,6 +122,8 @@ struct Cx<'a> {
     file: PathBuf,
     dir: PathBuf,
     source: &'a str,
+    /// Byte offset where each line starts, for O(1) line lookups in large files.
+    line_starts: Vec<usize>,
     report: Report,
     templates: Vec<TemplateUse>,
     stack: &'a mut Vec<PathBuf>,
@@ -161,6 +166,19 @@ impl<'a> Cx<'a> {
     /// Underlines the token at `pos` (up to the next delimiter) in the caret excerpt.
     fn token_width(&self, pos: Pos) -> usize {
         token_width(self.source, pos)
+    }
+
+    /// The text of a 1-based line, without its line break.
+    fn line(&self, line: u32) -> &str {
+        let i = line.saturating_sub(1) as usize;
+        let Some(&start) = self.line_starts.get(i) else {
+            return "";
+        };
+        let end = self
+            .line_starts
+            .get(i + 1)
+            .map_or(self.source.len(), |e| e - 1);
+        self.source[start..end].trim_end_matches('\r')
     }
 
     fn relative(&self, path: &str) -> PathBuf {
@@ -1464,10 +1482,9 @@ impl<'a> Cx<'a> {
         };
         // Block scalars (`|`) start on the line after the indicator.
         let indicator = self
-            .source
-            .lines()
-            .nth(n.pos.line.saturating_sub(1) as usize)
-            .and_then(|l| l.chars().nth(n.pos.col.saturating_sub(1) as usize));
+            .line(n.pos.line)
+            .chars()
+            .nth(n.pos.col.saturating_sub(1) as usize);
         let first_line = if matches!(indicator, Some('|') | Some('>')) {
             n.pos.line + 1
         } else {
