@@ -569,35 +569,55 @@ impl Executor<'_> {
 
     /// Records a failure that happened before any work started (templates, prepare).
     fn fail_now(&mut self, m: &Machine, n: NodeId, error: String) -> Result<(), EngineError> {
-        let error = self.redact(&error);
-        let key = m.nodes[n].key.clone();
+        let error = Some(self.redact(&error));
+        self.remember(m, n, Status::Failed, None, error.clone());
+        let event = self.finished_event(m, n, Status::Failed, None, error, None);
+        self.record(event)
+    }
+
+    /// Keeps a task's result where templates and later tasks read it.
+    fn remember(
+        &self,
+        m: &Machine,
+        n: NodeId,
+        status: Status,
+        output: Option<Json>,
+        error: Option<String>,
+    ) {
         if let Ok(mut r) = self.results.write() {
-            r.insert(
-                key.clone(),
-                TaskResult {
-                    status: "failed".into(),
-                    output: None,
-                    error: Some(error.clone()),
-                    attempts: m.nodes[n].attempt,
-                },
-            );
+            let result = TaskResult {
+                status: status.name().into(),
+                output,
+                error,
+                attempts: m.nodes[n].attempt,
+            };
+            r.insert(m.nodes[n].key.clone(), result);
         }
-        let duration = self
-            .started
-            .get(&n)
-            .map(|t| t.elapsed().as_millis() as u64)
-            .unwrap_or(0);
-        self.record(Event::TaskFinished {
+    }
+
+    fn finished_event(
+        &self,
+        m: &Machine,
+        n: NodeId,
+        status: Status,
+        output: Option<Json>,
+        error: Option<String>,
+        reason: Option<String>,
+    ) -> Event {
+        Event::TaskFinished {
             run: self.run_id.clone(),
             ts: now_ms(),
-            task: key,
-            status: "failed".into(),
+            task: m.nodes[n].key.clone(),
+            status: status.name().into(),
             attempt: m.nodes[n].attempt,
-            duration_ms: duration,
-            output: None,
-            error: Some(error),
-            reason: None,
-        })
+            duration_ms: self
+                .started
+                .get(&n)
+                .map_or(0, |t| t.elapsed().as_millis() as u64),
+            output,
+            error,
+            reason,
+        }
     }
 
     fn settled(
@@ -619,37 +639,13 @@ impl Executor<'_> {
         } else {
             None
         };
-        let error = (status == Status::Failed).then(|| reason.clone()).flatten();
-        if let Ok(mut r) = self.results.write() {
-            r.insert(
-                node.key.clone(),
-                TaskResult {
-                    status: status.name().into(),
-                    output: output.clone(),
-                    error: error.clone(),
-                    attempts: node.attempt,
-                },
-            );
-        }
-        let event = Event::TaskFinished {
-            run: self.run_id.clone(),
-            ts: now_ms(),
-            task: node.key.clone(),
-            status: status.name().into(),
-            attempt: node.attempt,
-            duration_ms: self
-                .started
-                .get(&n)
-                .map(|t| t.elapsed().as_millis() as u64)
-                .unwrap_or(0),
-            output,
-            error,
-            reason: if status == Status::Failed {
-                None
-            } else {
-                reason
-            },
+        // A container's failure reason ("`x` failed") is its error.
+        let (error, reason) = match status {
+            Status::Failed => (reason, None),
+            _ => (None, reason),
         };
+        self.remember(m, n, status, output.clone(), error.clone());
+        let event = self.finished_event(m, n, status, output, error, reason);
         if restored {
             // Already in the journal from the session that ran it: show, don't rewrite.
             self.sink.emit(&event);
@@ -956,36 +952,13 @@ impl Executor<'_> {
                         queue.push_back(MEvent::Succeeded(n));
                     }
                     Err(e) => {
-                        let error = self.redact(&e.message);
-                        if let Ok(mut r) = self.results.write() {
-                            r.insert(
-                                key.clone(),
-                                TaskResult {
-                                    status: "failed".into(),
-                                    output: None,
-                                    error: Some(error.clone()),
-                                    attempts: attempt,
-                                },
-                            );
-                        }
+                        let error = Some(self.redact(&e.message));
+                        self.remember(m, n, Status::Failed, None, error.clone());
                         let actions = m.handle(MEvent::Failed(n, e.class));
                         if m.nodes[n].status == Status::Failed {
-                            let duration = self
-                                .started
-                                .get(&n)
-                                .map(|t| t.elapsed().as_millis() as u64)
-                                .unwrap_or(0);
-                            self.record(Event::TaskFinished {
-                                run: self.run_id.clone(),
-                                ts: now_ms(),
-                                task: key,
-                                status: "failed".into(),
-                                attempt,
-                                duration_ms: duration,
-                                output: None,
-                                error: Some(error),
-                                reason: None,
-                            })?;
+                            let event =
+                                self.finished_event(m, n, Status::Failed, None, error, None);
+                            self.record(event)?;
                         }
                         self.apply(m, actions, queue)?;
                     }
@@ -996,36 +969,10 @@ impl Executor<'_> {
     }
 
     fn succeed(&mut self, m: &Machine, n: NodeId, output: Json) -> Result<(), EngineError> {
-        let output = self.redact_json(output);
-        let key = m.nodes[n].key.clone();
-        let attempt = m.nodes[n].attempt;
-        if let Ok(mut r) = self.results.write() {
-            r.insert(
-                key.clone(),
-                TaskResult {
-                    status: "succeeded".into(),
-                    output: Some(output.clone()),
-                    error: None,
-                    attempts: attempt,
-                },
-            );
-        }
-        let duration = self
-            .started
-            .get(&n)
-            .map(|t| t.elapsed().as_millis() as u64)
-            .unwrap_or(0);
-        self.record(Event::TaskFinished {
-            run: self.run_id.clone(),
-            ts: now_ms(),
-            task: key,
-            status: "succeeded".into(),
-            attempt,
-            duration_ms: duration,
-            output: Some(output),
-            error: None,
-            reason: None,
-        })
+        let output = Some(self.redact_json(output));
+        self.remember(m, n, Status::Succeeded, output.clone(), None);
+        let event = self.finished_event(m, n, Status::Succeeded, output, None, None);
+        self.record(event)
     }
 }
 
