@@ -223,3 +223,62 @@ fn interrupt_with_sigint_exits_130_and_resume_finishes() {
     );
     assert!(h.journal_tasks().values().all(|(s, _)| s == "succeeded"));
 }
+
+#[test]
+fn resume_stops_commands_a_killed_session_left_running() {
+    let h = Harness::new();
+    let bg = h.dir.path().join("bg.pid");
+    let file = h.dir.path().join("orphan.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "helix: 1\nname: orphan\nsandbox: host\ntasks:\n  long:\n    run: test -e again && exit 0; touch again; sleep 30 & echo $! > {}; sleep 30\n",
+            bg.display()
+        ),
+    )
+    .expect("write");
+    let mut child = h
+        .helix(&["apply", &file.to_string_lossy()])
+        .spawn()
+        .expect("spawn");
+    let t0 = Instant::now();
+    while !bg.exists() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill(); // SIGKILL: the command outlives helix
+    let _ = child.wait();
+    let pid: i32 = std::fs::read_to_string(&bg)
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("pid");
+    assert!(
+        running(pid),
+        "the background command should still run after kill -9"
+    );
+    let out = h.helix(&["resume", "latest"]).output().expect("resume");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("left running by an earlier session"),
+        "{stderr}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !running(pid),
+        "resume must stop the old session's command {pid}"
+    );
+}
+
+/// Alive and not a zombie.
+fn running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            stat.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                != Some("Z")
+        }
+        Err(_) => false,
+    }
+}

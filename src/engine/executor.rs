@@ -96,6 +96,47 @@ enum Msg {
     RetryDue(NodeId),
 }
 
+/// The environment variable that tags every host process with its run id.
+pub const RUN_TAG: &str = "HELIX_RUN_ID";
+
+/// Kills host processes tagged with this run (or one of its sub-workflow runs). Host commands
+/// run in their own session, so they outlive a `kill -9` of helix; the tag in their
+/// environment (inherited by their children) finds them without trusting reusable pids.
+pub fn reap_orphans(run_id: &str) -> usize {
+    let exact = format!("{RUN_TAG}={run_id}");
+    let child_prefix = format!("{RUN_TAG}={run_id}.");
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut stopped = 0;
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let tagged = environ
+            .split(|b| *b == 0)
+            .any(|var| var == exact.as_bytes() || var.starts_with(child_prefix.as_bytes()));
+        if tagged {
+            // SAFETY: sending a signal to a process we identified by its environment.
+            if unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } == 0 {
+                stopped += 1;
+            }
+        }
+    }
+    stopped
+}
+
 /// A fresh, sortable, readable run id: `20261126-093512-a3f9`.
 pub fn new_run_id() -> String {
     let secs = now_ms() / 1000;
@@ -169,6 +210,15 @@ pub async fn execute(
             inputs: &inputs_json,
         })?;
     } else {
+        // Commands of a killed session may still run; they must not race their re-runs.
+        let stopped = reap_orphans(&spec.run_id);
+        if stopped > 0 {
+            eprintln!(
+                "stopped {stopped} process{} left running by an earlier session of run {}",
+                if stopped == 1 { "" } else { "es" },
+                spec.run_id
+            );
+        }
         journal.interrupt_running(&spec.run_id)?;
         journal.claim_run(&spec.run_id, &wf.hash)?;
     }
@@ -843,7 +893,12 @@ impl Executor<'_> {
         Ok(match &decl.kind {
             TaskKind::Run { command, env } => {
                 let command = render("`run`", command)?;
-                let mut vars = Vec::new();
+                // Tags every process of the run, so a later session can find the ones a
+                // killed helix left behind (see `reap_orphans`).
+                let mut vars = vec![
+                    (RUN_TAG.to_string(), self.run_id.clone()),
+                    ("HELIX_TASK".to_string(), m.nodes[n].key.clone()),
+                ];
                 for (k, v) in env {
                     vars.push((k.clone(), render(&format!("env `{k}`"), v)?));
                 }
