@@ -4,6 +4,7 @@
 //! executor) → actions on `sandbox`, `scripting`, `tools`; every outcome is an `events::Event`
 //! that goes to the `store` journal first and then to the `ui`.
 
+pub mod agents;
 pub mod cli;
 pub mod codes;
 pub mod diagnostic;

@@ -1033,7 +1033,7 @@ impl Executor<'_> {
 
 /// Fills a custom tool's missing arguments from its `params` defaults and refuses unknown
 /// or missing ones, so the script sees exactly what the tool declares.
-fn apply_param_defaults(
+pub(crate) fn apply_param_defaults(
     tool: &str,
     params: &Json,
     given: &mut serde_json::Map<String, Json>,

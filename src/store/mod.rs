@@ -10,7 +10,22 @@ use serde_json::Value as Json;
 
 use crate::events::{now_ms, Event};
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+
+/// Migrations from version N to N+1, in order; `MIGRATIONS[0]` turns version 1 into 2.
+const MIGRATIONS: &[&str] = &[
+    // 2: agent conversations, one row per message, so resume continues an agent mid-task.
+    "CREATE TABLE IF NOT EXISTS turns (
+        run TEXT NOT NULL,
+        task TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        message TEXT NOT NULL,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        ts INTEGER NOT NULL,
+        PRIMARY KEY (run, task, seq)
+    ) WITHOUT ROWID;",
+];
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -174,7 +189,7 @@ impl Journal {
         }
         if version == 0 {
             let foreign: i64 = self.conn.query_row(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name NOT IN ('meta','runs','tasks','events','logs','scratch','approvals','sqlite_sequence')",
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name NOT IN ('meta','runs','tasks','events','logs','scratch','approvals','turns','sqlite_sequence')",
                 [],
                 |r| r.get(0),
             )?;
@@ -188,8 +203,14 @@ impl Journal {
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('app', 'helix')",
                 [],
             )?;
-            self.conn
-                .pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            self.conn.pragma_update(None, "user_version", 1)?;
+        }
+        let version = version.max(1);
+        for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize - 1) {
+            let tx = self.conn.unchecked_transaction()?;
+            tx.execute_batch(step)?;
+            tx.pragma_update(None, "user_version", i as i64 + 2)?;
+            tx.commit()?;
         }
         Ok(())
     }
@@ -271,6 +292,71 @@ impl Journal {
             })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
+    }
+
+    /// Appends one message of an agent's conversation (with the usage of the call that
+    /// produced it, for assistant messages).
+    pub fn append_turn(
+        &self,
+        run: &str,
+        task: &str,
+        seq: u32,
+        message: &Json,
+        usage: (u64, u64),
+    ) -> Result<(), JournalError> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO turns (run, task, seq, message, input_tokens, output_tokens, ts)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                run,
+                task,
+                seq,
+                message.to_string(),
+                usage.0 as i64,
+                usage.1 as i64,
+                now_ms() as i64
+            ])?;
+        Ok(())
+    }
+
+    /// An agent's journaled conversation, in order, with each message's usage.
+    pub fn turns(&self, run: &str, task: &str) -> Result<Vec<(Json, u64, u64)>, JournalError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT message, input_tokens, output_tokens FROM turns WHERE run = ?1 AND task = ?2 ORDER BY seq",
+        )?;
+        let rows = stmt
+            .query_map(params![run, task], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(m, i, o)| Some((serde_json::from_str(&m).ok()?, i as u64, o as u64)))
+            .collect())
+    }
+
+    /// Forgets an agent's conversation (a new attempt after a failure starts afresh).
+    pub fn clear_turns(&self, run: &str, task: &str) -> Result<(), JournalError> {
+        self.conn.execute(
+            "DELETE FROM turns WHERE run = ?1 AND task = ?2",
+            params![run, task],
+        )?;
+        Ok(())
+    }
+
+    /// Tokens used by a run's agents so far (for budgets and `runs show`).
+    pub fn run_usage(&self, run: &str) -> Result<(u64, u64), JournalError> {
+        Ok(self.conn.query_row(
+            "SELECT coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0) FROM turns WHERE run = ?1",
+            params![run],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?)
     }
 
     pub fn set_approval(&self, run: &str, task: &str, approved: bool) -> Result<(), JournalError> {
@@ -430,7 +516,7 @@ impl Journal {
         }
         let tx = self.conn.transaction()?;
         for id in &doomed {
-            for table in ["events", "logs", "tasks", "scratch", "approvals"] {
+            for table in ["events", "logs", "tasks", "scratch", "approvals", "turns"] {
                 tx.execute(
                     &format!("DELETE FROM {table} WHERE run = ?1 OR run LIKE ?1 || '.%'"),
                     params![id],

@@ -1,0 +1,523 @@
+//! The agent loop: call the model, run the tools it asks for, feed back the results, until a
+//! final answer (validated against `output.schema` when there is one) or a limit.
+//!
+//! Every completed message is journaled before the next call, so a resumed run continues
+//! the conversation instead of paying for it again.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde_json::Value as Json;
+
+use crate::engine::schema_check;
+use crate::llm::{ChatRequest, Message, Provider, Role, ToolCall, ToolSpec, Usage};
+use crate::store::Journal;
+use crate::tools::{self, ToolContext};
+
+/// How many identical tool calls in a row mean the agent is stuck.
+const MAX_IDENTICAL_CALLS: usize = 3;
+/// Attempts to get an answer that matches `output.schema` after the first.
+const MAX_REPAIRS: u32 = 2;
+/// Tool results longer than this are cut before they go back to the model.
+const MAX_TOOL_RESULT_CHARS: usize = 60_000;
+
+/// A tool the agent may call: built-in, or a script.
+#[derive(Debug, Clone)]
+pub enum AgentTool {
+    Builtin,
+    Script { path: PathBuf, params: Json },
+}
+
+/// Everything one agent attempt needs, rendered and owned.
+pub struct AgentJob {
+    pub agent: String,
+    pub task: String,
+    pub run_id: String,
+    pub home: PathBuf,
+    pub model: String,
+    pub temperature: Option<f64>,
+    pub max_tokens: Option<u32>,
+    pub system: String,
+    pub prompt: String,
+    pub tools: Vec<(ToolSpec, AgentTool)>,
+    pub max_turns: u32,
+    pub output_schema: Option<Json>,
+    pub workspace: PathBuf,
+    pub provider: Arc<dyn Provider>,
+    /// Start over instead of continuing a journaled conversation.
+    pub fresh: bool,
+    /// Tokens used by the whole run so far, shared by all agents, for `budget.tokens`.
+    pub run_tokens: Arc<AtomicU64>,
+    pub token_budget: Option<u64>,
+}
+
+/// What an agent task produces.
+#[derive(Debug, Clone)]
+pub struct AgentOutcome {
+    pub output: Json,
+    pub usage: Usage,
+    pub turns: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentError {
+    pub message: String,
+    /// The run must stop (a budget), not just this task.
+    pub budget: bool,
+}
+
+impl AgentError {
+    fn new(message: impl Into<String>) -> AgentError {
+        AgentError {
+            message: message.into(),
+            budget: false,
+        }
+    }
+}
+
+/// Runs the conversation to its end.
+pub async fn run(job: AgentJob) -> Result<AgentOutcome, AgentError> {
+    let journal = Journal::open(&job.home).map_err(|e| AgentError::new(e.to_string()))?;
+    let journal_err = |e: crate::store::JournalError| AgentError::new(format!("journal: {e}"));
+    if job.fresh {
+        journal
+            .clear_turns(&job.run_id, &job.task)
+            .map_err(journal_err)?;
+    }
+    // Continue a conversation an earlier session journaled.
+    let mut messages: Vec<Message> = Vec::new();
+    let mut usage = Usage::default();
+    for (m, input, output) in journal.turns(&job.run_id, &job.task).map_err(journal_err)? {
+        if let Ok(message) = serde_json::from_value::<Message>(m) {
+            messages.push(message);
+            usage.add(Usage {
+                input_tokens: input,
+                output_tokens: output,
+            });
+        }
+    }
+    if messages.is_empty() {
+        messages.push(Message::user(job.prompt.clone()));
+        append(&journal, &job, &messages, Usage::default()).map_err(journal_err)?;
+    }
+    let mut turn = messages
+        .iter()
+        .filter(|m| m.role == Role::Assistant)
+        .count() as u32;
+    let mut repairs = 0;
+    let mut recent_calls: Vec<String> = Vec::new();
+    let specs: Vec<ToolSpec> = job.tools.iter().map(|(s, _)| s.clone()).collect();
+    let by_name: HashMap<&str, &AgentTool> = job
+        .tools
+        .iter()
+        .map(|(s, t)| (s.name.as_str(), t))
+        .collect();
+
+    // A journaled conversation may end with tool calls whose results were not journaled yet.
+    if let Some(last) = messages
+        .last()
+        .filter(|m| m.role == Role::Assistant && !m.tool_calls.is_empty())
+    {
+        let calls = last.tool_calls.clone();
+        for call in calls {
+            let result = call_tool(&job, &by_name, &call).await;
+            messages.push(Message::tool_result(call.id.clone(), result));
+            append(&journal, &job, &messages, Usage::default()).map_err(journal_err)?;
+        }
+    }
+
+    loop {
+        if let Some(last) = messages.last() {
+            if last.role == Role::Assistant && last.tool_calls.is_empty() {
+                // The conversation already ended with an answer (resumed after journaling it).
+                match finish(&job, &last.content) {
+                    Ok(output) => return Ok(AgentOutcome { output, usage, turns: turn }),
+                    Err(problems) if repairs < MAX_REPAIRS => {
+                        repairs += 1;
+                        messages.push(Message::user(repair_prompt(&problems)));
+                        append(&journal, &job, &messages, Usage::default()).map_err(journal_err)?;
+                    }
+                    Err(problems) => {
+                        return Err(AgentError::new(format!(
+                            "the answer does not match `output.schema` after {MAX_REPAIRS} repairs: {problems}"
+                        )))
+                    }
+                }
+            }
+        }
+        if turn >= job.max_turns {
+            return Err(AgentError::new(format!(
+                "agent `{}` reached max_turns ({}) without a final answer",
+                job.agent, job.max_turns
+            )));
+        }
+        if let Some(budget) = job.token_budget {
+            let used = job.run_tokens.load(Ordering::Relaxed);
+            if used >= budget {
+                return Err(AgentError {
+                    message: format!("token budget of {budget} exhausted ({used} used)"),
+                    budget: true,
+                });
+            }
+        }
+        turn += 1;
+        let request = ChatRequest {
+            model: job.model.clone(),
+            system: job.system.clone(),
+            messages: messages.clone(),
+            tools: specs.clone(),
+            json: job.output_schema.is_some(),
+            temperature: job.temperature,
+            max_tokens: job.max_tokens,
+            agent: job.agent.clone(),
+            task: job.task.clone(),
+            turn,
+        };
+        let reply = job
+            .provider
+            .chat(&request, None)
+            .await
+            .map_err(|e| AgentError::new(format!("agent `{}`, turn {turn}: {e}", job.agent)))?;
+        usage.add(reply.usage);
+        job.run_tokens
+            .fetch_add(reply.usage.total(), Ordering::Relaxed);
+        messages.push(Message::assistant(
+            reply.content.clone(),
+            reply.tool_calls.clone(),
+        ));
+        append(&journal, &job, &messages, reply.usage).map_err(journal_err)?;
+
+        for call in &reply.tool_calls {
+            let signature = format!("{} {}", call.name, call.arguments);
+            recent_calls.push(signature.clone());
+            let streak = recent_calls
+                .iter()
+                .rev()
+                .take_while(|s| **s == signature)
+                .count();
+            if streak >= MAX_IDENTICAL_CALLS {
+                return Err(AgentError::new(format!(
+                    "agent `{}` is stuck: it called {signature} {streak} times in a row",
+                    job.agent
+                )));
+            }
+            let result = call_tool(&job, &by_name, call).await;
+            messages.push(Message::tool_result(call.id.clone(), result));
+            append(&journal, &job, &messages, Usage::default()).map_err(journal_err)?;
+        }
+    }
+}
+
+/// Journals the last message of the conversation.
+fn append(
+    journal: &Journal,
+    job: &AgentJob,
+    messages: &[Message],
+    usage: Usage,
+) -> Result<(), crate::store::JournalError> {
+    let seq = messages.len() as u32;
+    let message = serde_json::to_value(messages.last()).unwrap_or(Json::Null);
+    journal.append_turn(
+        &job.run_id,
+        &job.task,
+        seq,
+        &message,
+        (usage.input_tokens, usage.output_tokens),
+    )
+}
+
+/// The final answer: JSON checked against the schema when one is set, else the text.
+fn finish(job: &AgentJob, content: &str) -> Result<Json, String> {
+    let Some(schema) = &job.output_schema else {
+        return Ok(Json::String(content.trim().to_string()));
+    };
+    let value = parse_json_answer(content).map_err(|e| format!("the reply is not JSON ({e})"))?;
+    let problems = schema_check::check(schema, &value);
+    if problems.is_empty() {
+        Ok(value)
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// Models often wrap JSON in a Markdown fence; accept that.
+fn parse_json_answer(content: &str) -> Result<Json, serde_json::Error> {
+    let t = content.trim();
+    let unfenced = t
+        .strip_prefix("```json")
+        .or_else(|| t.strip_prefix("```"))
+        .and_then(|r| r.strip_suffix("```"))
+        .unwrap_or(t);
+    serde_json::from_str(unfenced.trim())
+}
+
+fn repair_prompt(problems: &str) -> String {
+    format!(
+        "Your answer does not match the required JSON Schema: {problems}. Reply again with only the corrected JSON object."
+    )
+}
+
+/// Runs one tool call; failures go back to the model as text so it can correct itself.
+async fn call_tool(job: &AgentJob, tools: &HashMap<&str, &AgentTool>, call: &ToolCall) -> String {
+    let result = match tools.get(call.name.as_str()) {
+        None => Err(format!(
+            "unknown tool `{}`; available: {}",
+            call.name,
+            tools.keys().copied().collect::<Vec<_>>().join(", ")
+        )),
+        Some(AgentTool::Builtin) => {
+            let name = call.name.clone();
+            let args = call.arguments.clone();
+            let cx = ToolContext {
+                workspace: job.workspace.clone(),
+            };
+            tokio::task::spawn_blocking(move || tools::call_builtin(&name, &args, &cx))
+                .await
+                .map_err(|e| format!("tool failed: {e}"))
+                .and_then(|r| r.map_err(|e| e.to_string()))
+        }
+        Some(AgentTool::Script { path, params }) => {
+            run_script_tool(&call.name, path, params, &call.arguments).await
+        }
+    };
+    let text = match result {
+        Ok(Json::String(s)) => s,
+        Ok(v) => v.to_string(),
+        Err(e) => format!("error: {e}"),
+    };
+    if text.chars().count() > MAX_TOOL_RESULT_CHARS {
+        let cut: String = text.chars().take(MAX_TOOL_RESULT_CHARS).collect();
+        format!("{cut}\n[… cut at {MAX_TOOL_RESULT_CHARS} characters]")
+    } else {
+        text
+    }
+}
+
+async fn run_script_tool(
+    name: &str,
+    path: &std::path::Path,
+    params: &Json,
+    args: &Json,
+) -> Result<Json, String> {
+    let mut given = match args {
+        Json::Object(m) => m.clone(),
+        _ => return Err(format!("tool `{name}` takes an arguments object")),
+    };
+    crate::engine::executor::apply_param_defaults(name, params, &mut given)?;
+    let code = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let lang = crate::scripting::Lang::from_path(path).unwrap_or(crate::scripting::Lang::Rhai);
+    let source = crate::scripting::ScriptSource {
+        lang,
+        code,
+        name: path.display().to_string(),
+        first_line: 1,
+    };
+    let mut globals = serde_json::Map::new();
+    globals.insert("args".into(), Json::Object(given));
+    let limits = crate::scripting::Limits::default();
+    tokio::task::spawn_blocking(move || {
+        crate::scripting::run_on_current_thread(&source, &globals, &limits)
+    })
+    .await
+    .map_err(|e| format!("tool failed: {e}"))?
+    .map_err(|e| e.to_string())
+}
+
+/// What the executor knows when it starts an agent task.
+pub struct JobParts<'a> {
+    pub workflow: &'a crate::workflow::Workflow,
+    pub agent: &'a str,
+    pub task: &'a str,
+    /// The task's `prompt`, already rendered.
+    pub prompt: String,
+    pub output_schema: Option<Json>,
+    pub inputs: &'a Json,
+    pub run: &'a Json,
+    pub run_id: &'a str,
+    pub home: PathBuf,
+    pub workspace: PathBuf,
+    pub provider: Arc<dyn Provider>,
+    pub fresh: bool,
+    pub run_tokens: Arc<AtomicU64>,
+}
+
+/// Renders the agent's system prompt and collects its tools and model settings.
+pub fn build_job(parts: JobParts) -> Result<AgentJob, String> {
+    use crate::workflow::PromptRef;
+    let wf = parts.workflow;
+    let decl = wf
+        .agents
+        .get(parts.agent)
+        .ok_or_else(|| format!("unknown agent `{}`", parts.agent))?;
+    if decl.script.is_some() {
+        return Err(format!(
+            "agent `{}` is a Lua script; scripted agents are not executable in this build yet",
+            parts.agent
+        ));
+    }
+    let model = wf
+        .models
+        .get(&decl.model)
+        .ok_or_else(|| format!("model `{}` is not declared", decl.model))?;
+    let mut tools = Vec::new();
+    for name in &decl.tools {
+        match wf.tools.get(name) {
+            Some(t) => tools.push((
+                script_spec(name, t.description.as_deref(), &t.params),
+                AgentTool::Script {
+                    path: t.script.clone(),
+                    params: t.params.clone(),
+                },
+            )),
+            None => {
+                let spec = builtin_spec(name).ok_or_else(|| format!("unknown tool `{name}`"))?;
+                tools.push((spec, AgentTool::Builtin));
+            }
+        }
+    }
+    let env = crate::prompt::environment(Some(&wf.dir));
+    let base = serde_json::json!({ "inputs": parts.inputs, "run": parts.run, "memory": [] });
+    let render = |text: &str| crate::prompt::render(&env, text, &base).map_err(|e| e.to_string());
+    let role = decl
+        .role
+        .as_deref()
+        .map(render)
+        .transpose()?
+        .unwrap_or_else(|| parts.agent.to_string());
+    let goal = decl.goal.as_deref().map(render).transpose()?;
+    let tool_list: Vec<Json> = tools
+        .iter()
+        .map(|(s, _)| serde_json::json!({ "name": s.name, "description": s.description }))
+        .collect();
+    let mut context = base.clone();
+    context["agent"] = serde_json::json!({
+        "name": parts.agent, "role": role, "goal": goal, "tools": tool_list,
+    });
+    context["task"] = serde_json::json!({ "id": parts.task, "prompt": parts.prompt });
+    if let Some(schema) = &parts.output_schema {
+        context["task"]["output_schema"] = schema.clone();
+    }
+    let system = match &decl.prompt {
+        Some(PromptRef::File(path)) => {
+            let dir = path.parent().unwrap_or(&wf.dir);
+            let env = crate::prompt::environment(Some(dir));
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            env.get_template(name)
+                .and_then(|t| t.render(&context))
+                .map_err(|e| format!("system prompt {}: {e}", path.display()))?
+        }
+        Some(PromptRef::Inline(text)) => crate::prompt::render(&env, text, &context)
+            .map_err(|e| format!("system prompt: {e}"))?,
+        None => default_system_prompt(&role, goal.as_deref(), parts.output_schema.as_ref()),
+    };
+    let settings = &model.settings;
+    Ok(AgentJob {
+        agent: parts.agent.to_string(),
+        task: parts.task.to_string(),
+        run_id: parts.run_id.to_string(),
+        home: parts.home,
+        model: model.model.clone().unwrap_or_default(),
+        temperature: settings.get("temperature").and_then(Json::as_f64),
+        max_tokens: settings
+            .get("max_tokens")
+            .and_then(Json::as_u64)
+            .map(|t| t.min(u32::MAX as u64) as u32),
+        system,
+        prompt: parts.prompt,
+        tools,
+        max_turns: decl.max_turns,
+        output_schema: parts.output_schema,
+        workspace: parts.workspace,
+        provider: parts.provider,
+        fresh: parts.fresh,
+        run_tokens: parts.run_tokens,
+        token_budget: wf.budget.tokens,
+    })
+}
+
+fn default_system_prompt(role: &str, goal: Option<&str>, schema: Option<&Json>) -> String {
+    let mut s = format!("You are {role}.");
+    if let Some(g) = goal {
+        s.push_str(&format!(" Your goal: {g}."));
+    }
+    s.push_str(" Use the tools you are given when they help; when you are done, reply with the final answer only.");
+    if let Some(schema) = schema {
+        s.push_str(&format!(
+            " The final answer must be a JSON object matching this JSON Schema: {schema}"
+        ));
+    }
+    s
+}
+
+/// The schema the model sees for each built-in tool.
+pub fn builtin_spec(name: &str) -> Option<ToolSpec> {
+    tools::builtins()
+        .iter()
+        .find(|b| b.name == name)
+        .map(|b| ToolSpec {
+            name: b.name.to_string(),
+            description: b.description.to_string(),
+            parameters: (b.params)(),
+        })
+}
+
+/// The schema of a scripted tool from its declared `params`.
+pub fn script_spec(name: &str, description: Option<&str>, params: &Json) -> ToolSpec {
+    let mut properties = serde_json::Map::new();
+    let mut required = Vec::new();
+    if let Json::Object(p) = params {
+        for (k, v) in p {
+            let ty = match v.get("type").and_then(Json::as_str).unwrap_or("string") {
+                "list" => "array",
+                "object" => "object",
+                other => other,
+            };
+            let mut prop = serde_json::json!({ "type": ty });
+            if let Some(d) = v.get("description") {
+                prop["description"] = d.clone();
+            }
+            if let Some(e) = v.get("enum") {
+                prop["enum"] = e.clone();
+            }
+            if v.get("default").is_none() {
+                required.push(Json::String(k.clone()));
+            }
+            properties.insert(k.clone(), prop);
+        }
+    }
+    ToolSpec {
+        name: name.to_string(),
+        description: description.unwrap_or("").to_string(),
+        parameters: serde_json::json!({ "type": "object", "properties": properties, "required": required }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fenced_json_answers_are_accepted() {
+        assert_eq!(
+            parse_json_answer("```json\n{\"a\": 1}\n```").ok(),
+            Some(serde_json::json!({"a": 1}))
+        );
+        assert!(parse_json_answer("sure! {\"a\": 1}").is_err());
+    }
+
+    #[test]
+    fn script_tools_publish_required_params() {
+        let spec = script_spec(
+            "loc",
+            Some("Count lines"),
+            &serde_json::json!({"glob": {"type": "string", "default": "*"}, "dir": {"type": "string"}}),
+        );
+        assert_eq!(spec.parameters["required"], serde_json::json!(["dir"]));
+    }
+}
