@@ -667,6 +667,7 @@ impl Executor<'_> {
             output,
             error,
             reason,
+            usage: None,
         }
     }
 

@@ -57,6 +57,9 @@ pub enum Event {
         error: Option<String>,
         #[serde(skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
+        /// LLM tokens this task used (agent tasks).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        usage: Option<crate::llm::Usage>,
     },
     RunFinished {
         run: String,

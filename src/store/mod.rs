@@ -582,6 +582,7 @@ fn apply_event(tx: &rusqlite::Transaction, event: &Event) -> Result<(), JournalE
             output,
             error,
             reason,
+            ..
         } => {
             let output = output.as_ref().map(|o| o.to_string());
             tx.prepare_cached(
@@ -704,6 +705,7 @@ mod tests {
             output: Some(serde_json::json!({"n": 1})),
             error: None,
             reason: None,
+            usage: None,
         })
         .expect("finish");
         let tasks = j.tasks("r1").expect("tasks");

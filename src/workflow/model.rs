@@ -218,6 +218,8 @@ pub enum ErrorClass {
     Workflow,
     Agent,
     Output,
+    /// A run budget ran out: never retried, and the run stops.
+    Budget,
 }
 
 impl ErrorClass {
@@ -256,6 +258,7 @@ impl ErrorClass {
             ErrorClass::Workflow => "workflow",
             ErrorClass::Agent => "agent",
             ErrorClass::Output => "output",
+            ErrorClass::Budget => "budget",
         }
     }
 }
