@@ -632,7 +632,7 @@ fn agent_tasks_are_validated_but_fail_clearly_at_run_time() {
     p.helix(&["validate", &w.to_string_lossy()]).expect(0);
     let run = p.helix(&["apply", &w.to_string_lossy()]).expect(1);
     assert!(
-        run.stdout().contains("cannot execute them yet"),
+        run.stdout().contains("not available in this build yet"),
         "{}",
         run.stdout()
     );

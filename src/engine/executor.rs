@@ -12,8 +12,9 @@ use tokio::sync::mpsc;
 
 use super::context::{script_tasks, template_context, ContextParts, Results, TaskResult};
 use super::state::{Action, Event as MEvent, Machine, NodeId, Outcome, Status};
-use super::work::{perform, Work, WorkError};
+use super::work::{perform, Finished, Work, WorkError};
 use crate::events::{now_ms, Event, EventSink, NullSink};
+use crate::llm::Usage;
 use crate::prompt;
 use crate::store::{Journal, JournalError, NewRun, TaskRecord};
 use crate::workflow::{ErrorClass, OutputParse, TaskKind, Workflow};
@@ -90,8 +91,7 @@ enum Msg {
     Done {
         node: NodeId,
         attempt: u32,
-        result: Result<Json, WorkError>,
-        logs: Vec<(String, String)>,
+        finished: Finished,
     },
     RetryDue(NodeId),
 }
@@ -245,6 +245,18 @@ pub async fn execute(
         "name": wf.name,
     });
     let restored_keys: HashSet<String> = spec.restored.keys().cloned().collect();
+    let (input_tokens, output_tokens) = journal.run_usage(&spec.run_id)?;
+    let prior_tokens = input_tokens + output_tokens;
+    let prior_failed: HashSet<String> = if spec.resumed {
+        journal
+            .tasks(&spec.run_id)?
+            .into_iter()
+            .filter(|t| t.status == "failed")
+            .map(|t| t.key)
+            .collect()
+    } else {
+        HashSet::new()
+    };
     let (tx, rx) = mpsc::unbounded_channel();
     let mut ex = Executor {
         wf: wf.clone(),
@@ -266,6 +278,10 @@ pub async fn execute(
         restored: restored_keys.clone(),
         pending: Vec::new(),
         deferred: Vec::new(),
+        run_tokens: Arc::new(std::sync::atomic::AtomicU64::new(prior_tokens)),
+        cost_usd: 0.0,
+        providers: HashMap::new(),
+        prior_failed,
     };
     let mut machine = Machine::new(&wf, opts.max_parallel, restored_keys);
     ex.run_loop(&mut machine, rx, spec.resumed).await
@@ -293,6 +309,12 @@ struct Executor<'a> {
     /// shown and before the work they announce starts.
     pending: Vec<Event>,
     deferred: Vec<(NodeId, WorkFuture)>,
+    /// LLM tokens used by the run (all sessions), shared with running agents.
+    run_tokens: Arc<std::sync::atomic::AtomicU64>,
+    cost_usd: f64,
+    providers: HashMap<String, Arc<dyn crate::llm::Provider>>,
+    /// Tasks whose last journaled attempt failed: their agent conversations start afresh.
+    prior_failed: HashSet<String>,
 }
 
 type WorkFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -775,8 +797,11 @@ impl Executor<'_> {
                     Msg::Done {
                         node: n,
                         attempt,
-                        result,
-                        logs: Vec::new(),
+                        finished: Finished {
+                            result,
+                            logs: Vec::new(),
+                            usage: None,
+                        },
                     },
                     queue,
                 );
@@ -793,7 +818,7 @@ impl Executor<'_> {
             let cancel = Arc::new(AtomicBool::new(false));
             let _guard = CancelOnDrop(cancel.clone());
             let fut = perform(work, cancel.clone());
-            let (result, logs) = match timeout {
+            let finished = match timeout {
                 Some(limit) => match tokio::time::timeout(limit, fut).await {
                     Ok(r) => r,
                     Err(_) => {
@@ -802,13 +827,14 @@ impl Executor<'_> {
                             "timed out after {}",
                             crate::workflow::units::human_duration(limit)
                         );
-                        (
-                            Err(WorkError {
+                        Finished {
+                            result: Err(WorkError {
                                 class: ErrorClass::Timeout,
                                 message,
                             }),
-                            Vec::new(),
-                        )
+                            logs: Vec::new(),
+                            usage: None,
+                        }
                     }
                 },
                 None => fut.await,
@@ -816,8 +842,7 @@ impl Executor<'_> {
             let _ = tx.send(Msg::Done {
                 node: n,
                 attempt,
-                result,
-                logs,
+                finished,
             });
         });
         self.deferred.push((n, work));
@@ -861,7 +886,7 @@ impl Executor<'_> {
                 self.journal.set_approval(&self.run_id, &key, approved)?;
                 if approved {
                     let output = serde_json::json!({ "approved": true, "by": by });
-                    self.succeed(m, n, output)?;
+                    self.succeed(m, n, output, None)?;
                     queue.push_back(MEvent::Succeeded(n));
                 } else {
                     self.fail_now(m, n, format!("not approved ({by})"))?;
@@ -960,9 +985,33 @@ impl Executor<'_> {
                     },
                 }
             }
-            TaskKind::Agent { agent, .. } => Work::Agent {
-                agent: agent.clone(),
-            },
+            TaskKind::Agent { agent, prompt } => {
+                let prompt = render("`prompt`", prompt)?;
+                let model = self
+                    .wf
+                    .agents
+                    .get(agent)
+                    .map(|a| a.model.clone())
+                    .unwrap_or_default();
+                let key = m.nodes[n].key.clone();
+                let job = crate::agents::build_job(crate::agents::JobParts {
+                    workflow: &self.wf,
+                    agent,
+                    task: &key,
+                    prompt,
+                    output_schema: decl.output.as_ref().and_then(|o| o.schema.clone()),
+                    inputs: &self.inputs,
+                    run: &self.run,
+                    run_id: &self.run_id,
+                    home: self.opts.home.clone(),
+                    workspace: self.workspace.clone(),
+                    provider: self.provider(&model)?,
+                    // A conversation continues after a crash, not after a failure.
+                    fresh: m.nodes[n].attempt > 1 || self.prior_failed.contains(&key),
+                    run_tokens: self.run_tokens.clone(),
+                })?;
+                Work::Agent(Box::new(job))
+            }
             TaskKind::Approve { .. } | TaskKind::Group => {
                 return Err("internal: not a leaf task".into())
             }
@@ -980,8 +1029,12 @@ impl Executor<'_> {
             Msg::Done {
                 node: n,
                 attempt,
-                result,
-                logs,
+                finished:
+                    Finished {
+                        result,
+                        logs,
+                        usage,
+                    },
             } => {
                 self.running.remove(&n);
                 if m.nodes[n].status != Status::Running || m.nodes[n].attempt != attempt {
@@ -1002,9 +1055,12 @@ impl Executor<'_> {
                         matches!(decl.kind, TaskKind::Run { .. }),
                     )
                 });
+                if let Some(u) = usage {
+                    self.charge(&decl.kind, u);
+                }
                 match result {
                     Ok(output) => {
-                        self.succeed(m, n, output)?;
+                        self.succeed(m, n, output, usage)?;
                         queue.push_back(MEvent::Succeeded(n));
                     }
                     Err(e) => {
@@ -1012,11 +1068,26 @@ impl Executor<'_> {
                         self.remember(m, n, Status::Failed, None, error.clone());
                         let actions = m.handle(MEvent::Failed(n, e.class));
                         if m.nodes[n].status == Status::Failed {
-                            let event =
+                            let mut event =
                                 self.finished_event(m, n, Status::Failed, None, error, None);
+                            with_usage(&mut event, usage);
                             self.record(event)?;
                         }
                         self.apply(m, actions, queue)?;
+                        if e.class == ErrorClass::Budget && self.failure.is_none() {
+                            // A spent budget stops the whole run, resumable with a bigger one.
+                            self.failure = Some(self.redact(&e.message));
+                            self.stop_all(m, queue)?;
+                        }
+                    }
+                }
+                if self.failure.is_none() {
+                    if let Some(limit) = self.wf.budget.usd.filter(|l| self.cost_usd > *l) {
+                        self.failure = Some(format!(
+                            "cost budget of ${limit:.2} exhausted (${:.4} spent)",
+                            self.cost_usd
+                        ));
+                        self.stop_all(m, queue)?;
                     }
                 }
             }
@@ -1024,11 +1095,58 @@ impl Executor<'_> {
         Ok(())
     }
 
-    fn succeed(&mut self, m: &Machine, n: NodeId, output: Json) -> Result<(), EngineError> {
+    fn succeed(
+        &mut self,
+        m: &Machine,
+        n: NodeId,
+        output: Json,
+        usage: Option<Usage>,
+    ) -> Result<(), EngineError> {
         let output = Some(self.redact_json(output));
         self.remember(m, n, Status::Succeeded, output.clone(), None);
-        let event = self.finished_event(m, n, Status::Succeeded, output, None, None);
+        let mut event = self.finished_event(m, n, Status::Succeeded, output, None, None);
+        with_usage(&mut event, usage);
         self.record(event)
+    }
+
+    /// The provider of a named model, built once per run.
+    fn provider(&self, model: &str) -> Result<Arc<dyn crate::llm::Provider>, String> {
+        if let Some(p) = self.providers.get(model) {
+            return Ok(p.clone());
+        }
+        let decl = self
+            .wf
+            .models
+            .get(model)
+            .ok_or_else(|| format!("model `{model}` is not declared"))?;
+        Err(format!(
+            "model `{model}`: the `{}` provider is not available in this build yet",
+            decl.provider
+        ))
+    }
+
+    /// Adds an agent task's tokens to the run's cost, priced by its model's `price`.
+    fn charge(&mut self, kind: &TaskKind, usage: Usage) {
+        let TaskKind::Agent { agent, .. } = kind else {
+            return;
+        };
+        let price = self
+            .wf
+            .agents
+            .get(agent)
+            .and_then(|a| self.wf.models.get(&a.model))
+            .and_then(|model| model.settings.get("price"));
+        if let Some(price) = price {
+            let per_million = |k: &str| price.get(k).and_then(Json::as_f64).unwrap_or(0.0);
+            self.cost_usd += usage.input_tokens as f64 * per_million("input") / 1e6
+                + usage.output_tokens as f64 * per_million("output") / 1e6;
+        }
+    }
+}
+
+fn with_usage(event: &mut Event, usage: Option<Usage>) {
+    if let Event::TaskFinished { usage: slot, .. } = event {
+        *slot = usage;
     }
 }
 

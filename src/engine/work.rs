@@ -42,9 +42,7 @@ pub enum Work {
         parent: String,
         opts: ExecOptions,
     },
-    Agent {
-        agent: String,
-    },
+    Agent(Box<crate::agents::AgentJob>),
 }
 
 #[derive(Debug, Clone)]
@@ -56,19 +54,71 @@ pub struct WorkError {
 type Logs = Vec<(String, String)>;
 
 /// Runs one attempt; dropping the future stops the work (processes killed, scripts cancelled).
-pub async fn perform(work: Work, cancel: Arc<AtomicBool>) -> (Result<Json, WorkError>, Logs) {
+/// What one attempt left: its result, captured output, and the LLM tokens it used.
+pub struct Finished {
+    pub result: Result<Json, WorkError>,
+    pub logs: Logs,
+    pub usage: Option<crate::llm::Usage>,
+}
+
+impl Finished {
+    fn of(result: Result<Json, WorkError>) -> Finished {
+        Finished {
+            result,
+            logs: Vec::new(),
+            usage: None,
+        }
+    }
+}
+
+/// Runs one attempt; dropping the future stops the work (processes killed, scripts cancelled).
+pub async fn perform(work: Work, cancel: Arc<AtomicBool>) -> Finished {
     match work {
-        Work::Run { command, env, workdir } => run_command(command, env, workdir).await,
-        Work::Script { source, globals, timeout } => (run_script(source, globals, timeout, cancel).await, Vec::new()),
-        Work::Tool { name, args, workspace, script } => (run_tool(name, args, workspace, script, cancel).await, Vec::new()),
-        Work::Workflow { path, inputs, run_id, parent, opts } => (run_child(path, inputs, run_id, parent, opts).await, Vec::new()),
-        Work::Agent { agent } => (
-            Err(WorkError {
-                class: ErrorClass::Agent,
-                message: format!("agent `{agent}`: this build of helix validates agent tasks but cannot execute them yet (LLM providers are not included)"),
-            }),
-            Vec::new(),
-        ),
+        Work::Run {
+            command,
+            env,
+            workdir,
+        } => {
+            let (result, logs) = run_command(command, env, workdir).await;
+            Finished {
+                result,
+                logs,
+                usage: None,
+            }
+        }
+        Work::Script {
+            source,
+            globals,
+            timeout,
+        } => Finished::of(run_script(source, globals, timeout, cancel).await),
+        Work::Tool {
+            name,
+            args,
+            workspace,
+            script,
+        } => Finished::of(run_tool(name, args, workspace, script, cancel).await),
+        Work::Workflow {
+            path,
+            inputs,
+            run_id,
+            parent,
+            opts,
+        } => Finished::of(run_child(path, inputs, run_id, parent, opts).await),
+        Work::Agent(job) => match crate::agents::run(*job).await {
+            Ok(outcome) => Finished {
+                result: Ok(outcome.output),
+                logs: Vec::new(),
+                usage: Some(outcome.usage),
+            },
+            Err(e) => Finished::of(Err(WorkError {
+                class: if e.budget {
+                    ErrorClass::Budget
+                } else {
+                    ErrorClass::Agent
+                },
+                message: e.message,
+            })),
+        },
     }
 }
 
