@@ -626,13 +626,13 @@ fn plan_shows_the_tree_with_rendered_fields_and_runs_nothing() {
 }
 
 #[test]
-fn agent_tasks_are_validated_but_fail_clearly_at_run_time() {
+fn an_agent_without_its_api_key_fails_naming_the_variable() {
     let p = Project::new();
-    let w = p.file("w.yaml", "helix: 1\nname: a\nmodels:\n  default: { provider: openai, model: gpt-4o-mini }\nagents:\n  writer: { role: Writer }\ntasks:\n  draft:\n    agent: writer\n    prompt: Write a haiku\n");
+    let w = p.file("w.yaml", "helix: 1\nname: a\nmodels:\n  default: { provider: openai, model: gpt-4o-mini, api_key_env: HELIX_TEST_NO_SUCH_KEY }\nagents:\n  writer: { role: Writer }\ntasks:\n  draft:\n    agent: writer\n    prompt: Write a haiku\n");
     p.helix(&["validate", &w.to_string_lossy()]).expect(0);
     let run = p.helix(&["apply", &w.to_string_lossy()]).expect(1);
     assert!(
-        run.stdout().contains("not available in this build yet"),
+        run.stdout().contains("HELIX_TEST_NO_SUCH_KEY"),
         "{}",
         run.stdout()
     );

@@ -280,7 +280,7 @@ pub async fn execute(
         deferred: Vec::new(),
         run_tokens: Arc::new(std::sync::atomic::AtomicU64::new(prior_tokens)),
         cost_usd: 0.0,
-        providers: HashMap::new(),
+        providers: std::sync::Mutex::new(HashMap::new()),
         prior_failed,
     };
     let mut machine = Machine::new(&wf, opts.max_parallel, restored_keys);
@@ -312,7 +312,8 @@ struct Executor<'a> {
     /// LLM tokens used by the run (all sessions), shared with running agents.
     run_tokens: Arc<std::sync::atomic::AtomicU64>,
     cost_usd: f64,
-    providers: HashMap<String, Arc<dyn crate::llm::Provider>>,
+    /// One provider per model, built when an agent first needs it.
+    providers: std::sync::Mutex<HashMap<String, Arc<dyn crate::llm::Provider>>>,
     /// Tasks whose last journaled attempt failed: their agent conversations start afresh.
     prior_failed: HashSet<String>,
 }
@@ -1111,7 +1112,11 @@ impl Executor<'_> {
 
     /// The provider of a named model, built once per run.
     fn provider(&self, model: &str) -> Result<Arc<dyn crate::llm::Provider>, String> {
-        if let Some(p) = self.providers.get(model) {
+        let mut cache = self
+            .providers
+            .lock()
+            .map_err(|_| "provider cache poisoned")?;
+        if let Some(p) = cache.get(model) {
             return Ok(p.clone());
         }
         let decl = self
@@ -1119,10 +1124,10 @@ impl Executor<'_> {
             .models
             .get(model)
             .ok_or_else(|| format!("model `{model}` is not declared"))?;
-        Err(format!(
-            "model `{model}`: the `{}` provider is not available in this build yet",
-            decl.provider
-        ))
+        let provider = crate::llm::build::provider(decl, &self.wf.dir)
+            .map_err(|e| format!("model `{model}`: {e}"))?;
+        cache.insert(model.to_string(), provider.clone());
+        Ok(provider)
     }
 
     /// Adds an agent task's tokens to the run's cost, priced by its model's `price`.

@@ -173,3 +173,14 @@ pub trait Provider: Send + Sync {
         on_token: Option<&'a (dyn Fn(&str) + Send + Sync)>,
     ) -> BoxFuture<'a, Result<ChatResponse, LlmError>>;
 }
+
+pub mod anthropic;
+pub mod build;
+pub mod http;
+pub mod openai;
+pub mod scripted;
+
+pub use anthropic::Anthropic;
+pub use http::{ApiKey, HttpOptions, RetryPolicy};
+pub use openai::OpenAi;
+pub use scripted::Scripted;
