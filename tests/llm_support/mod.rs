@@ -2,6 +2,9 @@
 //! endpoints: it plays the responses a test scripts, in order, one per connection, and
 //! records the requests it receives so the test can check what went over the wire.
 
+// Shared by several test binaries, each of which uses only part of it.
+#![allow(dead_code)]
+
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};

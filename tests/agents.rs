@@ -1,0 +1,332 @@
+//! Agent tasks end to end: the real `helix` binary against an OpenAI-compatible server that
+//! the test starts on 127.0.0.1, with a real journal.
+
+mod llm_support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use llm_support::{Response, Server};
+use serde_json::{json, Value as Json};
+
+const KEY: &str = "sk-test-0123456789abcdef";
+
+struct Project {
+    dir: tempfile::TempDir,
+}
+
+impl Project {
+    fn new() -> Project {
+        Project {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn home(&self) -> PathBuf {
+        self.dir.path().join(".helix")
+    }
+
+    /// A workflow whose `default` model is the test server.
+    fn workflow(&self, server: &Server, rest: &str) -> PathBuf {
+        let text = format!(
+            "helix: 1\nname: agents\nmodels:\n  default: {{ provider: openai, model: test-model, base_url: \"{}/v1\", api_key_env: HELIX_TEST_KEY, timeout: 20s }}\n{rest}",
+            server.url()
+        );
+        let path = self.dir.path().join("w.yaml");
+        std::fs::write(&path, text).expect("write workflow");
+        path
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_helix"));
+        cmd.args(args)
+            .args(["--output", "plain"])
+            .current_dir(self.dir.path())
+            .env("HELIX_HOME", self.home())
+            .env("HELIX_TEST_KEY", KEY)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let mut child = self.command(args).spawn().expect("spawn helix");
+        let t0 = Instant::now();
+        while child.try_wait().ok().flatten().is_none() {
+            assert!(t0.elapsed() < Duration::from_secs(60), "helix hung");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child.wait_with_output().expect("output")
+    }
+
+    fn task(&self, key: &str) -> helix::store::TaskRecord {
+        let j = helix::store::Journal::open(&self.home()).expect("journal");
+        let run = j.find_run("latest").expect("query").expect("a run");
+        j.tasks(&run.id)
+            .expect("tasks")
+            .into_iter()
+            .find(|t| t.key == key)
+            .expect("task")
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// An OpenAI chat completion with text content.
+fn answer(content: &str) -> Response {
+    Response::json(
+        200,
+        json!({
+            "id": "c", "object": "chat.completion", "model": "test-model",
+            "choices": [{ "index": 0, "message": { "role": "assistant", "content": content }, "finish_reason": "stop" }],
+            "usage": { "prompt_tokens": 50, "completion_tokens": 10, "total_tokens": 60 }
+        }),
+    )
+}
+
+/// An OpenAI chat completion asking for one tool call (names travel as `fs_write`).
+fn tool_call(id: &str, wire_name: &str, arguments: Json) -> Response {
+    Response::json(
+        200,
+        json!({
+            "id": "c", "object": "chat.completion", "model": "test-model",
+            "choices": [{ "index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": null,
+                "tool_calls": [{ "id": id, "type": "function", "function": { "name": wire_name, "arguments": arguments.to_string() } }]
+            }}],
+            "usage": { "prompt_tokens": 40, "completion_tokens": 8, "total_tokens": 48 }
+        }),
+    )
+}
+
+fn roles(request: &Json) -> Vec<String> {
+    request["messages"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .map(|x| x["role"].as_str().unwrap_or("").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+const CODER: &str = "agents:\n  coder:\n    role: Senior engineer\n    tools: [fs.write, fs.read]\n    max_turns: 6\ntasks:\n  implement:\n    agent: coder\n    prompt: Write hello.py\n";
+
+#[test]
+fn an_agent_writes_files_with_tool_calls_and_answers() {
+    let server = Server::start([
+        tool_call(
+            "c1",
+            "fs_write",
+            json!({ "path": "hello.py", "content": "print('hi')\n" }),
+        ),
+        answer("Wrote hello.py."),
+    ]);
+    let p = Project::new();
+    let w = p.workflow(&server, CODER);
+    let out = p.run(&["apply", &w.to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(p.task("implement").output, Some(json!("Wrote hello.py.")));
+    let requests = server.requests();
+    assert_eq!(requests.len(), 2);
+    let first = &requests[0];
+    assert_eq!(
+        first.header("authorization"),
+        Some(format!("Bearer {KEY}").as_str())
+    );
+    let tools: Vec<&str> = first.body["tools"]
+        .as_array()
+        .expect("tools offered")
+        .iter()
+        .filter_map(|t| t["function"]["name"].as_str())
+        .collect();
+    assert_eq!(tools, ["fs_write", "fs_read"]);
+    // The tool result went back to the model with the call's id.
+    let second = &requests[1].body["messages"];
+    assert_eq!(
+        roles(&requests[1].body),
+        ["system", "user", "assistant", "tool"]
+    );
+    assert_eq!(second[3]["tool_call_id"], json!("c1"));
+    let workspace = std::fs::read_dir(p.home().join("runs"))
+        .expect("runs")
+        .next()
+        .expect("a run")
+        .expect("entry")
+        .path();
+    assert_eq!(
+        std::fs::read_to_string(workspace.join("workspace/hello.py")).expect("file"),
+        "print('hi')\n"
+    );
+}
+
+#[test]
+fn kill_during_the_third_turn_then_resume_does_not_send_turns_one_and_two_again() {
+    let server = Server::start([
+        tool_call(
+            "c1",
+            "fs_write",
+            json!({ "path": "a.txt", "content": "one" }),
+        ),
+        tool_call("c2", "fs_read", json!({ "path": "a.txt" })),
+        // The third call hangs: helix is killed while waiting for it.
+        Response::slow(Duration::from_secs(30), answer("too late")),
+        answer("Done after resume."),
+    ]);
+    let p = Project::new();
+    let w = p.workflow(&server, CODER);
+    let mut child = p
+        .command(&["apply", &w.to_string_lossy()])
+        .spawn()
+        .expect("spawn");
+    let t0 = Instant::now();
+    while server.requests().len() < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the third turn never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill(); // SIGKILL during turn three
+    let _ = child.wait();
+
+    let out = p.run(&["resume", "latest"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let requests = server.requests();
+    assert_eq!(
+        requests.len(),
+        4,
+        "turns one and two must not be sent again"
+    );
+    // The resumed call carries the journaled conversation: both tool calls and their results.
+    assert_eq!(
+        roles(&requests[3].body),
+        ["system", "user", "assistant", "tool", "assistant", "tool"]
+    );
+    assert_eq!(
+        requests[3].body["messages"][5]["content"],
+        requests[2].body["messages"][5]["content"]
+    );
+    assert_eq!(
+        p.task("implement").output,
+        Some(json!("Done after resume."))
+    );
+}
+
+#[test]
+fn an_answer_that_breaks_the_output_schema_is_sent_back_for_repair() {
+    let server = Server::start([
+        answer("Sure! Here is the design."),
+        answer("{\"files\": [\"app.py\"]}"),
+    ]);
+    let p = Project::new();
+    let w = p.workflow(
+        &server,
+        "agents:\n  architect: { role: Architect }\ntasks:\n  design:\n    agent: architect\n    prompt: Design it\n    output:\n      schema: { type: object, required: [files] }\n",
+    );
+    let out = p.run(&["apply", &w.to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(
+        p.task("design").output,
+        Some(json!({ "files": ["app.py"] }))
+    );
+    let requests = server.requests();
+    assert_eq!(
+        requests[0].body["response_format"],
+        json!({ "type": "json_object" })
+    );
+    let repair = requests[1].body["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        repair["content"]
+            .as_str()
+            .unwrap_or("")
+            .contains("does not match the required JSON Schema"),
+        "{repair}"
+    );
+}
+
+#[test]
+fn an_agent_repeating_the_same_tool_call_is_stopped() {
+    let same = || tool_call("c", "fs_read", json!({ "path": "missing.txt" }));
+    let server = Server::start([same(), same(), same(), same()]);
+    let p = Project::new();
+    let w = p.workflow(&server, CODER);
+    let out = p.run(&["apply", &w.to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let error = p.task("implement").error.unwrap_or_default();
+    assert!(
+        error.contains("is stuck") && error.contains("fs.read"),
+        "{error}"
+    );
+    assert_eq!(server.requests().len(), 3);
+}
+
+#[test]
+fn a_spent_token_budget_stops_the_run() {
+    let server = Server::start([answer("first"), answer("second")]);
+    let p = Project::new();
+    let w = p.workflow(
+        &server,
+        "budget: { tokens: 50 }\nagents:\n  writer: { role: Writer }\ntasks:\n  one:\n    agent: writer\n    prompt: One\n  two:\n    needs: [one]\n    agent: writer\n    prompt: Two\n",
+    );
+    let out = p.run(&["apply", &w.to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("token budget of 50 exhausted"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(server.requests().len(), 1);
+}
+
+#[test]
+fn api_keys_never_reach_the_journal_or_the_output() {
+    let server = Server::start([Response::json(
+        401,
+        json!({ "error": { "message": format!("Incorrect API key provided: {KEY}") } }),
+    )]);
+    let p = Project::new();
+    let w = p.workflow(&server, CODER);
+    let out = p.run(&["apply", &w.to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("HELIX_TEST_KEY"),
+        "the error names the variable: {}",
+        text(&out)
+    );
+    assert!(!text(&out).contains(KEY));
+    for file in ["helix.db", "helix.db-wal"] {
+        let bytes = std::fs::read(p.home().join(file)).unwrap_or_default();
+        assert!(
+            !bytes.windows(KEY.len()).any(|w| w == KEY.as_bytes()),
+            "API key found in {file}"
+        );
+    }
+}
+
+#[test]
+fn the_quickstart_runs_offline() {
+    let p = Project::new();
+    let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/quickstart.yaml");
+    let out = p.run(&["apply", &quickstart.to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(p.task("check").output, Some(json!("add(2, 3) = 5")));
+    assert_eq!(
+        p.task("design").output,
+        Some(
+            json!({ "files": ["calc.py"], "notes": "One module with add(a, b) returning a + b." })
+        )
+    );
+}
