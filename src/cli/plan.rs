@@ -53,7 +53,7 @@ pub fn plan(file: &std::path::Path, input_args: &[String]) -> i32 {
 fn print_plan(wf: Arc<Workflow>, inputs: &serde_json::Value, missing: &[String]) {
     println!("workflow {} ({})", wf.name, wf.file.display());
     if let Some(d) = &wf.description {
-        println!("  {d}");
+        println!("  {}", d.trim_end());
     }
     if !wf.inputs.is_empty() {
         println!("\ninputs:");
@@ -109,8 +109,15 @@ fn print_plan(wf: Arc<Workflow>, inputs: &serde_json::Value, missing: &[String])
         item: None,
     });
     let templates = prompt::environment(Some(&wf.dir));
-    let show =
-        |text: &str| prompt::render(&templates, text, &ctx).unwrap_or_else(|_| text.to_string());
+    // Task outputs do not exist before a run: such templates are shown as written.
+    let show = |text: &str| {
+        let shown = if text.contains("tasks.") || text.contains("tasks[") || text.contains("item") {
+            text.to_string()
+        } else {
+            prompt::render(&templates, text, &ctx).unwrap_or_else(|_| text.to_string())
+        };
+        shown.trim_end().to_string()
+    };
     println!("\ntasks:");
     for (ix, t) in wf.tasks.iter().enumerate() {
         let depth = {
