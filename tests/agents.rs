@@ -330,3 +330,36 @@ fn the_quickstart_runs_offline() {
         )
     );
 }
+
+#[test]
+fn the_scratchpad_keeps_values_between_turns() {
+    let server = Server::start([
+        tool_call(
+            "c1",
+            "scratch_set",
+            json!({ "key": "plan", "value": { "step": 2 } }),
+        ),
+        tool_call("c2", "scratch_get", json!({ "key": "plan" })),
+        answer("done"),
+    ]);
+    let p = Project::new();
+    let w = p.workflow(
+        &server,
+        "agents:\n  a:\n    role: Planner\n    tools: [scratch.get, scratch.set]\ntasks:\n  t:\n    agent: a\n    prompt: Plan\n",
+    );
+    let out = p.run(&["apply", &w.to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let requests = server.requests();
+    let last_tool = requests[2].body["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(last_tool["content"], json!("{\"step\":2}"));
+    let j = helix::store::Journal::open(&p.home()).expect("journal");
+    let run = j.find_run("latest").expect("q").expect("run");
+    assert_eq!(
+        j.scratch_get(&run.id, "t", "plan").expect("get"),
+        Some(json!({ "step": 2 }))
+    );
+}

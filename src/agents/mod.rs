@@ -27,7 +27,12 @@ const MAX_TOOL_RESULT_CHARS: usize = 60_000;
 #[derive(Debug, Clone)]
 pub enum AgentTool {
     Builtin,
-    Script { path: PathBuf, params: Json },
+    /// `scratch.get` / `scratch.set`: the task's persistent scratchpad in the journal.
+    Scratch,
+    Script {
+        path: PathBuf,
+        params: Json,
+    },
 }
 
 /// Everything one agent attempt needs, rendered and owned.
@@ -278,6 +283,7 @@ async fn call_tool(job: &AgentJob, tools: &HashMap<&str, &AgentTool>, call: &Too
                 .map_err(|e| format!("tool failed: {e}"))
                 .and_then(|r| r.map_err(|e| e.to_string()))
         }
+        Some(AgentTool::Scratch) => scratch(job, call),
         Some(AgentTool::Script { path, params }) => {
             run_script_tool(&call.name, path, params, &call.arguments).await
         }
@@ -372,6 +378,9 @@ pub fn build_job(parts: JobParts) -> Result<AgentJob, String> {
                     params: t.params.clone(),
                 },
             )),
+            None if AGENT_TOOLS.contains(&name.as_str()) => {
+                tools.push((scratch_spec(name), AgentTool::Scratch));
+            }
             None => {
                 let spec = builtin_spec(name).ok_or_else(|| format!("unknown tool `{name}`"))?;
                 tools.push((spec, AgentTool::Builtin));
@@ -453,6 +462,51 @@ fn default_system_prompt(role: &str, goal: Option<&str>, schema: Option<&Json>) 
         ));
     }
     s
+}
+
+/// Tools only agents have, because they need the run's journal.
+pub const AGENT_TOOLS: &[&str] = &["scratch.get", "scratch.set"];
+
+fn scratch_spec(name: &str) -> ToolSpec {
+    let (description, parameters) = if name == "scratch.set" {
+        (
+            "Store a value under a key in this task's scratchpad; it survives a resumed run.",
+            serde_json::json!({ "type": "object", "required": ["key", "value"], "properties": {
+                "key": { "type": "string" }, "value": { "description": "any JSON value" } } }),
+        )
+    } else {
+        (
+            "Read a value stored with scratch.set in this task's scratchpad (null when absent).",
+            serde_json::json!({ "type": "object", "required": ["key"], "properties": {
+                "key": { "type": "string" } } }),
+        )
+    };
+    ToolSpec {
+        name: name.to_string(),
+        description: description.to_string(),
+        parameters,
+    }
+}
+
+fn scratch(job: &AgentJob, call: &ToolCall) -> Result<Json, String> {
+    let key = call
+        .arguments
+        .get("key")
+        .and_then(Json::as_str)
+        .ok_or("`key` (a string) is required")?;
+    let journal = Journal::open(&job.home).map_err(|e| e.to_string())?;
+    if call.name == "scratch.set" {
+        let value = call.arguments.get("value").cloned().unwrap_or(Json::Null);
+        journal
+            .scratch_set(&job.run_id, &job.task, key, &value)
+            .map_err(|e| e.to_string())?;
+        Ok(serde_json::json!({ "stored": key }))
+    } else {
+        Ok(journal
+            .scratch_get(&job.run_id, &job.task, key)
+            .map_err(|e| e.to_string())?
+            .unwrap_or(Json::Null))
+    }
 }
 
 /// The schema the model sees for each built-in tool.

@@ -926,10 +926,12 @@ impl<'a> Cx<'a> {
             let mut tool_names = Vec::new();
             if let Some(n) = f.get("tools") {
                 for (t, pos) in self.str_list(n, "`tools`") {
-                    if !crate::tools::is_builtin(&t) && !tools.contains_key(&t) {
+                    let agent_only = crate::agents::AGENT_TOOLS.contains(&t.as_str());
+                    if !crate::tools::is_builtin(&t) && !agent_only && !tools.contains_key(&t) {
                         let known: Vec<&str> = crate::tools::builtins()
                             .iter()
                             .map(|b| b.name)
+                            .chain(crate::agents::AGENT_TOOLS.iter().copied())
                             .chain(tools.keys().map(String::as_str))
                             .collect();
                         let suggestion = did_you_mean(&t, known.iter().copied());
