@@ -40,9 +40,14 @@ impl Project {
 
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_helix"));
-        cmd.args(args)
-            .args(["--output", "plain"])
-            .current_dir(self.dir.path())
+        cmd.args(args);
+        if matches!(
+            args.first(),
+            Some(&"apply") | Some(&"resume") | Some(&"retry")
+        ) {
+            cmd.args(["--output", "plain"]);
+        }
+        cmd.current_dir(self.dir.path())
             .env("HELIX_HOME", self.home())
             .env("HELIX_TEST_KEY", KEY)
             .stdin(Stdio::null())
@@ -361,5 +366,68 @@ fn the_scratchpad_keeps_values_between_turns() {
     assert_eq!(
         j.scratch_get(&run.id, "t", "plan").expect("get"),
         Some(json!({ "step": 2 }))
+    );
+}
+
+#[test]
+fn http_request_reaches_only_allowed_hosts() {
+    let api = Server::start([Response::json(200, json!({ "weather": "sunny" }))]);
+    let api_host = api.url().trim_start_matches("http://").to_string();
+    let server = Server::start([
+        tool_call(
+            "c1",
+            "http_request",
+            json!({ "url": format!("{}/today", api.url()) }),
+        ),
+        tool_call(
+            "c2",
+            "http_request",
+            json!({ "url": "http://169.254.169.254/latest/meta-data" }),
+        ),
+        answer("sunny"),
+    ]);
+    let p = Project::new();
+    let w = p.workflow(
+        &server,
+        &format!("http: {{ allow: [\"{api_host}\"] }}\nagents:\n  a:\n    role: Researcher\n    tools: [http.request]\ntasks:\n  t:\n    agent: a\n    prompt: Weather?\n"),
+    );
+    let out = p.run(&["apply", &w.to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let requests = server.requests();
+    let allowed = requests[1].body["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        allowed["content"].as_str().unwrap_or("").contains("sunny"),
+        "{allowed}"
+    );
+    let refused = requests[2].body["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        refused["content"]
+            .as_str()
+            .unwrap_or("")
+            .contains("is not in this workflow's `http.allow`"),
+        "{refused}"
+    );
+    assert_eq!(api.requests().len(), 1, "only the allowed request went out");
+}
+
+#[test]
+fn http_request_without_an_allow_list_is_a_validation_error() {
+    let server = Server::start([]);
+    let p = Project::new();
+    let w = p.workflow(&server, "agents:\n  a:\n    role: R\n    tools: [http.request]\ntasks:\n  t:\n    agent: a\n    prompt: P\n");
+    let out = p.run(&["validate", &w.to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("`http.request` can reach no host"),
+        "{}",
+        text(&out)
     );
 }

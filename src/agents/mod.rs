@@ -29,6 +29,8 @@ pub enum AgentTool {
     Builtin,
     /// `scratch.get` / `scratch.set`: the task's persistent scratchpad in the journal.
     Scratch,
+    /// `http.request`, limited to the workflow's `http.allow` hosts.
+    Http,
     Script {
         path: PathBuf,
         params: Json,
@@ -56,6 +58,8 @@ pub struct AgentJob {
     /// Tokens used by the whole run so far, shared by all agents, for `budget.tokens`.
     pub run_tokens: Arc<AtomicU64>,
     pub token_budget: Option<u64>,
+    /// Hosts `http.request` may reach.
+    pub http_allow: Vec<String>,
 }
 
 /// What an agent task produces.
@@ -284,6 +288,7 @@ async fn call_tool(job: &AgentJob, tools: &HashMap<&str, &AgentTool>, call: &Too
                 .and_then(|r| r.map_err(|e| e.to_string()))
         }
         Some(AgentTool::Scratch) => scratch(job, call),
+        Some(AgentTool::Http) => http_request(&job.http_allow, &call.arguments).await,
         Some(AgentTool::Script { path, params }) => {
             run_script_tool(&call.name, path, params, &call.arguments).await
         }
@@ -378,6 +383,7 @@ pub fn build_job(parts: JobParts) -> Result<AgentJob, String> {
                     params: t.params.clone(),
                 },
             )),
+            None if name == "http.request" => tools.push((http_spec(), AgentTool::Http)),
             None if AGENT_TOOLS.contains(&name.as_str()) => {
                 tools.push((scratch_spec(name), AgentTool::Scratch));
             }
@@ -447,6 +453,7 @@ pub fn build_job(parts: JobParts) -> Result<AgentJob, String> {
         fresh: parts.fresh,
         run_tokens: parts.run_tokens,
         token_budget: wf.budget.tokens,
+        http_allow: wf.http_allow.clone(),
     })
 }
 
@@ -465,7 +472,106 @@ fn default_system_prompt(role: &str, goal: Option<&str>, schema: Option<&Json>) 
 }
 
 /// Tools only agents have, because they need the run's journal.
-pub const AGENT_TOOLS: &[&str] = &["scratch.get", "scratch.set"];
+pub const AGENT_TOOLS: &[&str] = &["scratch.get", "scratch.set", "http.request"];
+
+/// Response bodies longer than this are cut (the model sees a note saying so).
+const MAX_HTTP_BODY: usize = 256 * 1024;
+
+fn http_spec() -> ToolSpec {
+    ToolSpec {
+        name: "http.request".into(),
+        description: "Make an HTTP request to one of the hosts this workflow allows. Returns status, headers and the body as text.".into(),
+        parameters: serde_json::json!({
+            "type": "object",
+            "required": ["url"],
+            "properties": {
+                "method": { "type": "string", "enum": ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"], "default": "GET" },
+                "url": { "type": "string", "description": "http:// or https:// URL" },
+                "headers": { "type": "object", "additionalProperties": { "type": "string" } },
+                "body": { "type": "string" }
+            }
+        }),
+    }
+}
+
+/// `http.request`: only to allowed hosts, no redirects (they could lead elsewhere), bounded
+/// in time and size.
+async fn http_request(allow: &[String], args: &Json) -> Result<Json, String> {
+    let url = args
+        .get("url")
+        .and_then(Json::as_str)
+        .ok_or("`url` (a string) is required")?;
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("invalid url `{url}`: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!(
+            "only http and https URLs are allowed, not `{}`",
+            parsed.scheme()
+        ));
+    }
+    let host = parsed.host_str().unwrap_or_default().to_ascii_lowercase();
+    let with_port = parsed.port().map(|p| format!("{host}:{p}"));
+    let allowed = allow
+        .iter()
+        .any(|a| *a == host || Some(a) == with_port.as_ref());
+    if !allowed {
+        return Err(format!(
+            "host `{}` is not in this workflow's `http.allow` ({})",
+            with_port.unwrap_or(host),
+            allow.join(", ")
+        ));
+    }
+    let method = args
+        .get("method")
+        .and_then(Json::as_str)
+        .unwrap_or("GET")
+        .to_ascii_uppercase();
+    let method = reqwest::Method::from_bytes(method.as_bytes())
+        .map_err(|_| format!("invalid method `{method}`"))?;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut request = client.request(method, parsed);
+    if let Some(Json::Object(headers)) = args.get("headers") {
+        for (k, v) in headers {
+            request = request.header(k.as_str(), v.as_str().unwrap_or_default());
+        }
+    }
+    if let Some(body) = args.get("body").and_then(Json::as_str) {
+        request = request.body(body.to_string());
+    }
+    let mut response = request
+        .send()
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
+    let status = response.status().as_u16();
+    let headers: serde_json::Map<String, Json> = response
+        .headers()
+        .iter()
+        .filter_map(|(k, v)| Some((k.to_string(), Json::String(v.to_str().ok()?.to_string()))))
+        .collect();
+    // Read at most MAX_HTTP_BODY bytes: a huge response must not exhaust memory.
+    let mut bytes = Vec::new();
+    let mut truncated = false;
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| format!("reading the body failed: {e}"))?
+    {
+        let room = MAX_HTTP_BODY - bytes.len();
+        if chunk.len() > room {
+            bytes.extend_from_slice(&chunk[..room]);
+            truncated = true;
+            break;
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    let body = String::from_utf8_lossy(&bytes).into_owned();
+    Ok(
+        serde_json::json!({ "status": status, "headers": headers, "body": body, "truncated": truncated }),
+    )
+}
 
 fn scratch_spec(name: &str) -> ToolSpec {
     let (description, parameters) = if name == "scratch.set" {

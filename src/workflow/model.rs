@@ -37,6 +37,8 @@ pub struct Workflow {
     pub memory: Json,
     /// Named concurrency limits shared by tasks (`concurrency: { llm: 2 }`).
     pub concurrency: IndexMap<String, usize>,
+    /// Hosts the `http.request` tool may reach (`http: { allow: [...] }`).
+    pub http_allow: Vec<String>,
     /// All tasks in declaration order (a parent before its children).
     pub tasks: Vec<TaskDecl>,
     pub roots: Vec<TaskIx>,

@@ -67,6 +67,7 @@ pub const TOP_KEYS: &[Key] = &[
     key("history", Ty::Object(HISTORY_KEYS), "Retention of finished runs."),
     key("memory", Ty::Object(MEMORY_KEYS), "Long-term memory recall and synthesis."),
     key("concurrency", Ty::MapOf(&Ty::PosInt), "Named concurrency limits that tasks share, e.g. `{ llm: 2 }`."),
+    key("http", Ty::Object(HTTP_KEYS), "What the `http.request` tool may reach."),
     required("tasks", Ty::Tasks, "The task tree: a map from task id to task; nesting makes groups."),
 ];
 
@@ -237,6 +238,10 @@ pub const HISTORY_KEYS: &[Key] = &[
         Ty::PosInt,
         "Keep at most this many finished runs.",
     ),
+];
+
+pub const HTTP_KEYS: &[Key] = &[
+    key("allow", Ty::StrList, "Hosts (`api.example.com`, `127.0.0.1:8080`) agents may call with `http.request`; nothing else is reachable."),
 ];
 
 pub const MEMORY_KEYS: &[Key] = &[

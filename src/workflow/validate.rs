@@ -63,6 +63,7 @@ fn load_nested(path: &Path, stack: &mut Vec<PathBuf>) -> Result<Workflow, Report
         report,
         templates: Vec::new(),
         stack,
+        http_uses: Vec::new(),
     };
     let workflow = cx.workflow(&root, &text);
     cx.stack.pop();
@@ -127,6 +128,8 @@ struct Cx<'a> {
     report: Report,
     templates: Vec<TemplateUse>,
     stack: &'a mut Vec<PathBuf>,
+    /// Where agents list `http.request`, checked once `http.allow` is known.
+    http_uses: Vec<Pos>,
 }
 
 /// The entries of a mapping, by known key name.
@@ -558,6 +561,23 @@ impl<'a> Cx<'a> {
             .get("concurrency")
             .map(|n| self.concurrency(n))
             .unwrap_or_default();
+        let http_allow: Vec<String> = fields
+            .get("http")
+            .and_then(|n| self.fields(n, "`http`", spec::HTTP_KEYS))
+            .and_then(|f| f.get("allow"))
+            .map(|n| {
+                self.str_list(n, "`http.allow`")
+                    .into_iter()
+                    .map(|(h, _)| h.to_ascii_lowercase())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if http_allow.is_empty() {
+            for pos in std::mem::take(&mut self.http_uses) {
+                self.err(Code::InvalidValue, pos, "`http.request` can reach no host: the workflow has no `http: { allow: [...] }`")
+                    .help = Some("list the hosts agents may call, e.g. `http: { allow: [api.github.com] }`".into());
+            }
+        }
 
         let mut w = Workflow {
             file: self.file.clone(),
@@ -578,6 +598,7 @@ impl<'a> Cx<'a> {
             history,
             memory: memory.unwrap_or(Json::Null),
             concurrency,
+            http_allow,
             tasks: Vec::new(),
             roots: Vec::new(),
             index: HashMap::new(),
@@ -927,6 +948,9 @@ impl<'a> Cx<'a> {
             if let Some(n) = f.get("tools") {
                 for (t, pos) in self.str_list(n, "`tools`") {
                     let agent_only = crate::agents::AGENT_TOOLS.contains(&t.as_str());
+                    if t == "http.request" {
+                        self.http_uses.push(pos);
+                    }
                     if !crate::tools::is_builtin(&t) && !agent_only && !tools.contains_key(&t) {
                         let known: Vec<&str> = crate::tools::builtins()
                             .iter()
