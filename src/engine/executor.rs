@@ -1126,6 +1126,12 @@ impl Executor<'_> {
             .ok_or_else(|| format!("model `{model}` is not declared"))?;
         let provider = crate::llm::build::provider(decl, &self.wf.dir)
             .map_err(|e| format!("model `{model}`: {e}"))?;
+        let limit = |k: &str| decl.settings.get(k).and_then(serde_json::Value::as_u64);
+        let provider = crate::llm::limit::Limited::wrap(
+            provider,
+            limit("concurrency").map(|n| n as usize),
+            limit("rpm").map(|n| n.min(u32::MAX as u64) as u32),
+        );
         cache.insert(model.to_string(), provider.clone());
         Ok(provider)
     }

@@ -184,3 +184,7 @@ pub use anthropic::Anthropic;
 pub use http::{ApiKey, HttpOptions, RetryPolicy};
 pub use openai::OpenAi;
 pub use scripted::Scripted;
+pub mod cassette;
+
+pub use cassette::{redact, replay_all, wrap_for_record, Recorder, Replay, Scrub, SharedCassette};
+pub mod limit;

@@ -101,6 +101,16 @@ pub const MODEL_KEYS: &[Key] = &[
     ),
     key("temperature", Ty::Num, "Sampling temperature."),
     key("max_tokens", Ty::PosInt, "Maximum tokens per reply."),
+    key(
+        "concurrency",
+        Ty::PosInt,
+        "Calls to this model in flight at once, across all agents of a run.",
+    ),
+    key(
+        "rpm",
+        Ty::PosInt,
+        "Calls to this model per minute, at most.",
+    ),
     key("timeout", Ty::Duration, "Request timeout."),
     key(
         "file",

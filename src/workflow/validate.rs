@@ -743,8 +743,10 @@ impl<'a> Cx<'a> {
             if let Some(n) = f.get("temperature") {
                 self.number(n, "`temperature`");
             }
-            if let Some(n) = f.get("max_tokens") {
-                self.positive(n, "`max_tokens`");
+            for k in ["max_tokens", "concurrency", "rpm"] {
+                if let Some(n) = f.get(k) {
+                    self.positive(n, &format!("`{k}`"));
+                }
             }
             if let Some(n) = f.get("timeout") {
                 self.duration(n, "`timeout`");
