@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde_json::Value as Json;
 
 use super::anthropic::{self, Anthropic};
+use super::cassette::Replay;
 use super::http::{ApiKey, HttpOptions};
 use super::openai::{self, OpenAi};
 use super::scripted::Scripted;
@@ -15,7 +16,7 @@ use crate::workflow::units::parse_duration;
 use crate::workflow::ModelDecl;
 
 /// The provider a model declaration describes, with keys and base URLs read from the
-/// process environment. `scripted` files are relative to `workflow_dir`.
+/// process environment. `scripted` and `replay` files are relative to `workflow_dir`.
 pub fn provider(model: &ModelDecl, workflow_dir: &Path) -> Result<Arc<dyn Provider>, LlmError> {
     provider_with_env(model, workflow_dir, &|name| std::env::var(name).ok())
 }
@@ -90,9 +91,16 @@ pub fn provider_with_env(
             })?;
             Ok(Arc::new(Scripted::load(&workflow_dir.join(file))?))
         }
-        "replay" => Err(LlmError::Scripted(
-            "replay cassettes are not supported yet".into(),
-        )),
+        "replay" => {
+            let file = settings.text("file").ok_or_else(|| {
+                LlmError::Scripted(
+                    "the `replay` provider needs `file`: a cassette written by \
+                     `helix apply --record`"
+                        .into(),
+                )
+            })?;
+            Ok(Arc::new(Replay::load(&workflow_dir.join(file))?))
+        }
         other => Err(LlmError::Scripted(format!(
             "unknown provider `{other}` (expected openai, anthropic, ollama, scripted or replay)"
         ))),
