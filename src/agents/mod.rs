@@ -60,7 +60,12 @@ pub struct AgentJob {
     pub token_budget: Option<u64>,
     /// Hosts `http.request` may reach.
     pub http_allow: Vec<String>,
+    /// Set when someone watches: replies are then streamed and reported as they arrive.
+    pub progress: Option<Progress>,
 }
+
+/// Receives live detail ("turn 2 · 1.2k chars") while a call streams.
+pub type Progress = Arc<dyn Fn(String) + Send + Sync>;
 
 /// What an agent task produces.
 #[derive(Debug, Clone)]
@@ -184,9 +189,36 @@ pub async fn run(job: AgentJob) -> Result<AgentOutcome, AgentError> {
             task: job.task.clone(),
             turn,
         };
+        let streamed = AtomicU64::new(0);
+        let last_report = std::sync::Mutex::new(std::time::Instant::now());
+        let on_token = |text: &str| {
+            let Some(progress) = &job.progress else {
+                return;
+            };
+            let total = streamed.fetch_add(text.chars().count() as u64, Ordering::Relaxed);
+            let Ok(mut last) = last_report.lock() else {
+                return;
+            };
+            // A few updates a second are plenty for a progress line.
+            if last.elapsed() >= std::time::Duration::from_millis(100) {
+                *last = std::time::Instant::now();
+                progress(format!(
+                    "turn {turn} · {} chars",
+                    total + text.chars().count() as u64
+                ));
+            }
+        };
+        if let Some(progress) = &job.progress {
+            progress(format!("turn {turn}"));
+        }
+        let on_token: Option<&(dyn Fn(&str) + Send + Sync)> = if job.progress.is_some() {
+            Some(&on_token)
+        } else {
+            None
+        };
         let reply = job
             .provider
-            .chat(&request, None)
+            .chat(&request, on_token)
             .await
             .map_err(|e| AgentError::new(format!("agent `{}`, turn {turn}: {e}", job.agent)))?;
         usage.add(reply.usage);
@@ -353,6 +385,7 @@ pub struct JobParts<'a> {
     pub provider: Arc<dyn Provider>,
     pub fresh: bool,
     pub run_tokens: Arc<AtomicU64>,
+    pub progress: Option<Progress>,
 }
 
 /// Renders the agent's system prompt and collects its tools and model settings.
@@ -454,6 +487,7 @@ pub fn build_job(parts: JobParts) -> Result<AgentJob, String> {
         run_tokens: parts.run_tokens,
         token_budget: wf.budget.tokens,
         http_allow: wf.http_allow.clone(),
+        progress: parts.progress,
     })
 }
 

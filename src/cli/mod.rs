@@ -334,6 +334,7 @@ fn execute(spec: RunSpec, mut journal: Journal, home: PathBuf, args: &RunArgs) -
         approve_all: args.approve_all,
         interactive: std::io::stdin().is_terminal() && mode != OutputMode::Json,
         handle_signals: true,
+        stream: mode == OutputMode::Tty,
     };
     let mut sink = ui::sink(mode);
     let history = spec.workflow.history.clone();

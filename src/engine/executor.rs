@@ -64,6 +64,8 @@ pub struct ExecOptions {
     pub interactive: bool,
     /// Stop on Ctrl-C / SIGTERM (only the top-level run listens).
     pub handle_signals: bool,
+    /// Stream LLM replies so the display can show them arriving.
+    pub stream: bool,
 }
 
 /// A run to start or continue.
@@ -94,6 +96,7 @@ enum Msg {
         finished: Finished,
     },
     RetryDue(NodeId),
+    Progress(NodeId, String),
 }
 
 /// The environment variable that tags every host process with its run id.
@@ -982,6 +985,7 @@ impl Executor<'_> {
                     opts: ExecOptions {
                         handle_signals: false,
                         interactive: false,
+                        stream: false,
                         ..self.opts.clone()
                     },
                 }
@@ -1010,6 +1014,12 @@ impl Executor<'_> {
                     // A conversation continues after a crash, not after a failure.
                     fresh: m.nodes[n].attempt > 1 || self.prior_failed.contains(&key),
                     run_tokens: self.run_tokens.clone(),
+                    progress: self.opts.stream.then(|| {
+                        let tx = self.tx.clone();
+                        Arc::new(move |detail: String| {
+                            let _ = tx.send(Msg::Progress(n, detail));
+                        }) as crate::agents::Progress
+                    }),
                 })?;
                 Work::Agent(Box::new(job))
             }
@@ -1027,6 +1037,11 @@ impl Executor<'_> {
     ) -> Result<(), EngineError> {
         match msg {
             Msg::RetryDue(n) => queue.push_back(MEvent::RetryDue(n)),
+            Msg::Progress(n, detail) => {
+                if m.nodes[n].status == Status::Running {
+                    self.sink.progress(&m.nodes[n].key, &detail);
+                }
+            }
             Msg::Done {
                 node: n,
                 attempt,

@@ -107,6 +107,8 @@ pub trait EventSink: Send {
         f()
     }
     fn finish(&mut self) {}
+    /// Live detail of a running task (tokens streaming in); not journaled, not an event.
+    fn progress(&mut self, _task: &str, _detail: &str) {}
 }
 
 /// Discards events (sub-workflows report through their parent's task line).

@@ -293,6 +293,12 @@ impl EventSink for TtySink {
         self.multi.suspend(f);
     }
 
+    fn progress(&mut self, task: &str, detail: &str) {
+        if let Some(bar) = self.running.get(task) {
+            bar.set_message(detail.to_string());
+        }
+    }
+
     fn finish(&mut self) {
         for (_, bar) in self.running.drain() {
             bar.finish_and_clear();
