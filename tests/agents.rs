@@ -431,3 +431,33 @@ fn http_request_without_an_allow_list_is_a_validation_error() {
         text(&out)
     );
 }
+
+#[test]
+fn a_secret_in_an_agent_prompt_reaches_the_model_but_not_the_journal() {
+    let secret = "hunter2-very-secret";
+    let server = Server::start([answer(&format!("I was told {secret}"))]);
+    let p = Project::new();
+    let w = p.workflow(
+        &server,
+        "secrets: [DEPLOY_TOKEN]\nagents:\n  a: { role: Deployer }\ntasks:\n  t:\n    agent: a\n    prompt: \"Deploy with token {{ env.DEPLOY_TOKEN }}\"\n",
+    );
+    let out = p
+        .command(&["apply", &w.to_string_lossy()])
+        .env("DEPLOY_TOKEN", secret)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        server.single_request().body.to_string().contains(secret),
+        "the model needs it"
+    );
+    assert!(!text(&out).contains(secret));
+    assert_eq!(p.task("t").output, Some(json!("I was told ***")));
+    for file in ["helix.db", "helix.db-wal"] {
+        let bytes = std::fs::read(p.home().join(file)).unwrap_or_default();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "secret found in {file}"
+        );
+    }
+}

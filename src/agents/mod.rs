@@ -62,6 +62,8 @@ pub struct AgentJob {
     pub http_allow: Vec<String>,
     /// Set when someone watches: replies are then streamed and reported as they arrive.
     pub progress: Option<Progress>,
+    /// Values replaced by `***` in everything journaled.
+    pub secrets: Vec<String>,
 }
 
 /// Receives live detail ("turn 2 · 1.2k chars") while a call streams.
@@ -259,7 +261,12 @@ fn append(
     usage: Usage,
 ) -> Result<(), crate::store::JournalError> {
     let seq = messages.len() as u32;
-    let message = serde_json::to_value(messages.last()).unwrap_or(Json::Null);
+    // Secrets may reach the model (a prompt can use them) but never the journal.
+    let mut text = serde_json::to_string(&messages.last()).unwrap_or_default();
+    for secret in &job.secrets {
+        text = text.replace(secret.as_str(), "***");
+    }
+    let message = serde_json::from_str(&text).unwrap_or(Json::Null);
     journal.append_turn(
         &job.run_id,
         &job.task,
@@ -386,6 +393,7 @@ pub struct JobParts<'a> {
     pub fresh: bool,
     pub run_tokens: Arc<AtomicU64>,
     pub progress: Option<Progress>,
+    pub secrets: Vec<String>,
 }
 
 /// Renders the agent's system prompt and collects its tools and model settings.
@@ -488,6 +496,7 @@ pub fn build_job(parts: JobParts) -> Result<AgentJob, String> {
         token_budget: wf.budget.tokens,
         http_allow: wf.http_allow.clone(),
         progress: parts.progress,
+        secrets: parts.secrets,
     })
 }
 

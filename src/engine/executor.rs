@@ -1014,6 +1014,7 @@ impl Executor<'_> {
                     // A conversation continues after a crash, not after a failure.
                     fresh: m.nodes[n].attempt > 1 || self.prior_failed.contains(&key),
                     run_tokens: self.run_tokens.clone(),
+                    secrets: self.secrets.clone(),
                     progress: self.opts.stream.then(|| {
                         let tx = self.tx.clone();
                         Arc::new(move |detail: String| {

@@ -55,10 +55,15 @@ pub fn redact(text: &str, secrets: &[String]) -> String {
         .filter(|s| !s.is_empty())
         .collect();
     ordered.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    replace_each(text, ordered.into_iter().map(|secret| (secret, "***")))
+}
+
+/// `text` with each `from` replaced by its `to`, in the order given.
+fn replace_each<'a>(text: &str, pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
     let mut out = text.to_string();
-    for secret in ordered {
-        if out.contains(secret) {
-            out = out.replace(secret, "***");
+    for (from, to) in pairs {
+        if out.contains(from) {
+            out = out.replace(from, to);
         }
     }
     out
@@ -93,47 +98,35 @@ impl Scrub {
         self
     }
 
-    fn text(&self, text: &str) -> String {
-        let mut out = redact(text, &self.secrets);
-        for (placeholder, value) in &self.run_values {
-            if out.contains(value.as_str()) {
-                out = out.replace(value.as_str(), placeholder);
-            }
-        }
-        out
+    fn scrubbed(&self, text: &str) -> String {
+        let values = self.run_values.iter();
+        replace_each(
+            &redact(text, &self.secrets),
+            values.map(|(placeholder, value)| (value.as_str(), placeholder.as_str())),
+        )
     }
 
-    fn restore(&self, text: &str) -> String {
-        let mut out = text.to_string();
-        for (placeholder, value) in &self.run_values {
-            if out.contains(placeholder.as_str()) {
-                out = out.replace(placeholder.as_str(), value);
-            }
-        }
-        out
-    }
-
-    fn call(&self, call: &ToolCall, text: &dyn Fn(&str) -> String) -> ToolCall {
-        ToolCall {
-            id: text(&call.id),
-            name: text(&call.name),
-            arguments: map_strings(&call.arguments, text),
-        }
+    fn restored(&self, text: &str) -> String {
+        let values = self.run_values.iter();
+        replace_each(
+            text,
+            values.map(|(placeholder, value)| (placeholder.as_str(), value.as_str())),
+        )
     }
 
     /// The request as the cassette holds it.
     fn request(&self, request: &ChatRequest) -> RecordedRequest {
-        let text = |s: &str| self.text(s);
+        let text = |s: &str| self.scrubbed(s);
         RecordedRequest {
-            model: self.text(&request.model),
-            system: self.text(&request.system),
+            model: text(&request.model),
+            system: text(&request.system),
             messages: request
                 .messages
                 .iter()
                 .map(|m| Message {
                     role: m.role,
-                    content: self.text(&m.content),
-                    tool_calls: m.tool_calls.iter().map(|c| self.call(c, &text)).collect(),
+                    content: text(&m.content),
+                    tool_calls: m.tool_calls.iter().map(|c| map_call(c, &text)).collect(),
                     tool_call_id: m.tool_call_id.as_deref().map(text),
                 })
                 .collect(),
@@ -141,8 +134,8 @@ impl Scrub {
                 .tools
                 .iter()
                 .map(|t| ToolSpec {
-                    name: self.text(&t.name),
-                    description: self.text(&t.description),
+                    name: text(&t.name),
+                    description: text(&t.description),
                     parameters: map_strings(&t.parameters, &text),
                 })
                 .collect(),
@@ -154,30 +147,9 @@ impl Scrub {
 
     fn site(&self, request: &ChatRequest) -> CallSite {
         CallSite {
-            agent: self.text(&request.agent),
-            task: self.text(&request.task),
+            agent: self.scrubbed(&request.agent),
+            task: self.scrubbed(&request.task),
             turn: request.turn,
-        }
-    }
-
-    /// `response` scrubbed (`restore` false) for the cassette, or restored from it.
-    fn response(&self, response: &ChatResponse, restore: bool) -> ChatResponse {
-        let text = |s: &str| {
-            if restore {
-                self.restore(s)
-            } else {
-                self.text(s)
-            }
-        };
-        ChatResponse {
-            content: text(&response.content),
-            tool_calls: response
-                .tool_calls
-                .iter()
-                .map(|c| self.call(c, &text))
-                .collect(),
-            usage: response.usage,
-            finish_reason: response.finish_reason.clone(),
         }
     }
 }
@@ -200,9 +172,27 @@ fn map_strings(value: &Json, f: &dyn Fn(&str) -> String) -> Json {
     }
 }
 
+fn map_call(call: &ToolCall, f: &dyn Fn(&str) -> String) -> ToolCall {
+    ToolCall {
+        id: f(&call.id),
+        name: f(&call.name),
+        arguments: map_strings(&call.arguments, f),
+    }
+}
+
+/// `response` with `f` applied to its text: scrubbing it for the cassette or restoring it.
+fn map_response(response: &ChatResponse, f: &dyn Fn(&str) -> String) -> ChatResponse {
+    ChatResponse {
+        content: f(&response.content),
+        tool_calls: response.tool_calls.iter().map(|c| map_call(c, f)).collect(),
+        usage: response.usage,
+        finish_reason: response.finish_reason.clone(),
+    }
+}
+
 // --- The file ---------------------------------------------------------------------------------
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CassetteFile {
     version: u32,
@@ -423,7 +413,7 @@ impl SharedCassette {
             turn: site.turn,
             provider: provider.to_string(),
             request: recorded,
-            response: scrub.response(response, false),
+            response: map_response(response, &|s| scrub.scrubbed(s)),
         };
         let recording = self.0.clone();
         tokio::task::spawn_blocking(move || recording.append(entry))
@@ -638,7 +628,8 @@ impl Replay {
             *count += 1;
             index
         };
-        Ok(self.scrub.response(&self.entries[index].response, true))
+        let recorded = &self.entries[index].response;
+        Ok(map_response(recorded, &|s| self.scrub.restored(s)))
     }
 
     /// The error for a call site the cassette never saw, with the turns it did see of that
@@ -710,12 +701,12 @@ mod tests {
         let scrub = Scrub::new(vec![])
             .run_value("run_id", "R1")
             .run_value("workspace", "/h/runs/R1/ws");
-        let stored = scrub.text("in /h/runs/R1/ws/a.py for R1");
+        let stored = scrub.scrubbed("in /h/runs/R1/ws/a.py for R1");
         assert_eq!(stored, "in <helix:workspace>/a.py for <helix:run_id>");
         let next = Scrub::new(vec![])
             .run_value("run_id", "R2")
             .run_value("workspace", "/h/runs/R2/ws");
-        assert_eq!(next.restore(&stored), "in /h/runs/R2/ws/a.py for R2");
+        assert_eq!(next.restored(&stored), "in /h/runs/R2/ws/a.py for R2");
     }
 
     #[test]
