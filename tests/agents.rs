@@ -461,3 +461,61 @@ fn a_secret_in_an_agent_prompt_reaches_the_model_but_not_the_journal() {
         );
     }
 }
+
+#[test]
+fn record_then_replay_gives_the_same_outputs_without_the_network() {
+    let p = Project::new();
+    let cassette = p.dir.path().join("run.cassette.json");
+    let w = {
+        let server = Server::start([
+            tool_call(
+                "c1",
+                "fs_write",
+                json!({ "path": "hello.py", "content": "print('hi')\n" }),
+            ),
+            answer("Wrote hello.py."),
+        ]);
+        let w = p.workflow(&server, CODER);
+        let out = p.run(&[
+            "apply",
+            &w.to_string_lossy(),
+            "--record",
+            &cassette.to_string_lossy(),
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        w
+        // The server stops here: the replay below has nothing to call.
+    };
+    let recorded = p.task("implement").output;
+    let text_of_cassette = std::fs::read_to_string(&cassette).expect("cassette written");
+    assert!(
+        !text_of_cassette.contains(KEY),
+        "no API key in the cassette"
+    );
+    let out = p.run(&[
+        "apply",
+        &w.to_string_lossy(),
+        "--replay",
+        &cassette.to_string_lossy(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(p.task("implement").output, recorded);
+
+    // A changed prompt is not in the cassette: a clear error, not a silent call.
+    let changed = std::fs::read_to_string(&w)
+        .expect("read")
+        .replace("Write hello.py", "Write bye.py");
+    std::fs::write(&w, changed).expect("write");
+    let out = p.run(&[
+        "apply",
+        &w.to_string_lossy(),
+        "--replay",
+        &cassette.to_string_lossy(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("changed since cassette"),
+        "{}",
+        text(&out)
+    );
+}

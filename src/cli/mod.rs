@@ -50,6 +50,12 @@ struct RunArgs {
     /// Output: live progress (tty), plain lines, or NDJSON events (json).
     #[arg(long, value_enum)]
     output: Option<OutputMode>,
+    /// Record every LLM request and reply of the run into this cassette file.
+    #[arg(long, value_name = "FILE", conflicts_with = "replay")]
+    record: Option<PathBuf>,
+    /// Answer every LLM request from this cassette instead of the models (no network).
+    #[arg(long, value_name = "FILE")]
+    replay: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -335,6 +341,11 @@ fn execute(spec: RunSpec, mut journal: Journal, home: PathBuf, args: &RunArgs) -
         interactive: std::io::stdin().is_terminal() && mode != OutputMode::Json,
         handle_signals: true,
         stream: mode == OutputMode::Tty,
+        llm: match (&args.record, &args.replay) {
+            (Some(path), _) => engine::LlmMode::Record(path.clone(), None),
+            (None, Some(path)) => engine::LlmMode::Replay(path.clone()),
+            (None, None) => engine::LlmMode::Live,
+        },
     };
     let mut sink = ui::sink(mode);
     let history = spec.workflow.history.clone();

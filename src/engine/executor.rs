@@ -66,6 +66,18 @@ pub struct ExecOptions {
     pub handle_signals: bool,
     /// Stream LLM replies so the display can show them arriving.
     pub stream: bool,
+    pub llm: LlmMode,
+}
+
+/// Where agents' LLM replies come from.
+#[derive(Debug, Clone)]
+pub enum LlmMode {
+    Live,
+    /// Call the models and record every call into the cassette at this path (created by the
+    /// top-level run and shared with its sub-workflows).
+    Record(PathBuf, Option<crate::llm::SharedCassette>),
+    /// Answer every call from this cassette.
+    Replay(PathBuf),
 }
 
 /// A run to start or continue.
@@ -87,6 +99,8 @@ pub enum EngineError {
     RunDir { path: PathBuf, message: String },
     #[error("secret `{0}` is not set in the environment")]
     MissingSecret(String),
+    #[error("cassette: {0}")]
+    Cassette(String),
 }
 
 enum Msg {
@@ -200,6 +214,26 @@ pub async fn execute(
     // Longest first so a secret that contains another is redacted whole.
     secrets.retain(|s| s.len() >= 4);
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    // What a cassette must not hold verbatim: secrets, and values that differ between runs.
+    let scrub = crate::llm::Scrub::new(secrets.clone())
+        .run_value("workspace", workspace.display().to_string())
+        .run_value("run_id", spec.run_id.clone())
+        .run_value("home", opts.home.display().to_string());
+    let mut opts = opts.clone();
+    let llm_error = |e: crate::llm::LlmError| EngineError::Cassette(e.to_string());
+    let replay = match &opts.llm {
+        LlmMode::Replay(path) => {
+            Some(crate::llm::replay_all(path, scrub.clone()).map_err(llm_error)?)
+        }
+        LlmMode::Record(path, None) => {
+            let cassette = crate::llm::SharedCassette::create(path.clone(), scrub.clone())
+                .map_err(llm_error)?;
+            opts.llm = LlmMode::Record(path.clone(), Some(cassette));
+            None
+        }
+        _ => None,
+    };
+    let opts = &opts;
 
     let inputs_json = Json::Object(spec.inputs.clone());
     if !spec.resumed {
@@ -284,6 +318,8 @@ pub async fn execute(
         run_tokens: Arc::new(std::sync::atomic::AtomicU64::new(prior_tokens)),
         cost_usd: 0.0,
         providers: std::sync::Mutex::new(HashMap::new()),
+        replay,
+        scrub,
         prior_failed,
     };
     let mut machine = Machine::new(&wf, opts.max_parallel, restored_keys);
@@ -315,6 +351,9 @@ struct Executor<'a> {
     /// LLM tokens used by the run (all sessions), shared with running agents.
     run_tokens: Arc<std::sync::atomic::AtomicU64>,
     cost_usd: f64,
+    /// Every model's provider under `--replay`.
+    replay: Option<Arc<dyn crate::llm::Provider>>,
+    scrub: crate::llm::Scrub,
     /// One provider per model, built when an agent first needs it.
     providers: std::sync::Mutex<HashMap<String, Arc<dyn crate::llm::Provider>>>,
     /// Tasks whose last journaled attempt failed: their agent conversations start afresh.
@@ -1128,6 +1167,9 @@ impl Executor<'_> {
 
     /// The provider of a named model, built once per run.
     fn provider(&self, model: &str) -> Result<Arc<dyn crate::llm::Provider>, String> {
+        if let Some(replay) = &self.replay {
+            return Ok(replay.clone());
+        }
         let mut cache = self
             .providers
             .lock()
@@ -1140,14 +1182,30 @@ impl Executor<'_> {
             .models
             .get(model)
             .ok_or_else(|| format!("model `{model}` is not declared"))?;
-        let provider = crate::llm::build::provider(decl, &self.wf.dir)
-            .map_err(|e| format!("model `{model}`: {e}"))?;
+        let provider: Arc<dyn crate::llm::Provider> = if decl.provider == "replay" {
+            // A cassette named in the workflow, matched with this run's values scrubbed.
+            let file = decl
+                .settings
+                .get("file")
+                .and_then(Json::as_str)
+                .unwrap_or_default();
+            let replay = crate::llm::Replay::load(&self.wf.dir.join(file))
+                .map_err(|e| format!("model `{model}`: {e}"))?;
+            Arc::new(replay.with_scrub(self.scrub.clone()))
+        } else {
+            crate::llm::build::provider(decl, &self.wf.dir)
+                .map_err(|e| format!("model `{model}`: {e}"))?
+        };
         let limit = |k: &str| decl.settings.get(k).and_then(serde_json::Value::as_u64);
         let provider = crate::llm::limit::Limited::wrap(
             provider,
             limit("concurrency").map(|n| n as usize),
             limit("rpm").map(|n| n.min(u32::MAX as u64) as u32),
         );
+        let provider = match &self.opts.llm {
+            LlmMode::Record(_, Some(cassette)) => crate::llm::wrap_for_record(provider, cassette),
+            _ => provider,
+        };
         cache.insert(model.to_string(), provider.clone());
         Ok(provider)
     }

@@ -7,5 +7,5 @@ pub mod state;
 pub mod work;
 
 pub use executor::{
-    execute, new_run_id, run_dir, EngineError, ExecOptions, RunSpec, RunStatus, RunSummary,
+    execute, new_run_id, run_dir, EngineError, ExecOptions, LlmMode, RunSpec, RunStatus, RunSummary,
 };
