@@ -519,3 +519,67 @@ fn record_then_replay_gives_the_same_outputs_without_the_network() {
         text(&out)
     );
 }
+
+#[test]
+fn a_planner_decomposes_its_task_into_subtasks_that_run_as_children() {
+    let plan = json!({ "subtasks": [
+        { "id": "api", "agent": "coder", "prompt": "Write the API" },
+        { "id": "tests", "agent": "coder", "prompt": "Test the API", "needs": ["api"] }
+    ]});
+    let server = Server::start([
+        answer(&plan.to_string()),
+        answer("api done"),
+        answer("tests done"),
+    ]);
+    let p = Project::new();
+    let w = p.workflow(
+        &server,
+        "agents:\n  planner: { role: Planner }\n  coder: { role: Coder }\ntasks:\n  build:\n    agent: planner\n    prompt: Build a todo API\n    decompose: true\n  report:\n    needs: [build]\n    script: \"tasks.build.output.tests\"\n",
+    );
+    let out = p.run(&["apply", &w.to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(
+        p.task("build").output,
+        Some(json!({ "api": "api done", "tests": "tests done" }))
+    );
+    assert_eq!(p.task("build.tests").status, "succeeded");
+    assert_eq!(p.task("report").output, Some(json!("tests done")));
+    let requests = server.requests();
+    // The planner was asked for JSON matching the plan schema, with the agents to choose from.
+    assert_eq!(
+        requests[0].body["response_format"],
+        json!({ "type": "json_object" })
+    );
+    // `tests` needs `api`, so it ran second, and each subtask knows the larger task.
+    let last_user = |r: &llm_support::Recorded| {
+        r.body["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .map(|m| m["content"].to_string())
+            .unwrap_or_default()
+    };
+    assert!(last_user(&requests[1]).contains("Write the API"));
+    assert!(
+        last_user(&requests[2]).contains("Test the API")
+            && last_user(&requests[2]).contains("Build a todo API")
+    );
+}
+
+#[test]
+fn a_plan_naming_an_unknown_agent_fails_the_task_clearly() {
+    let plan = json!({ "subtasks": [{ "id": "x", "agent": "ghost", "prompt": "Boo" }] });
+    let server = Server::start([
+        answer(&plan.to_string()),
+        answer(&plan.to_string()),
+        answer(&plan.to_string()),
+    ]);
+    let p = Project::new();
+    let w = p.workflow(
+        &server,
+        "agents:\n  planner: { role: Planner }\ntasks:\n  build:\n    agent: planner\n    prompt: Build\n    decompose: true\n",
+    );
+    let out = p.run(&["apply", &w.to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let error = p.task("build").error.unwrap_or_default();
+    assert!(error.contains("ghost"), "{error}");
+}

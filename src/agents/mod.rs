@@ -444,13 +444,15 @@ pub fn build_job(parts: JobParts) -> Result<AgentJob, String> {
         .transpose()?
         .unwrap_or_else(|| parts.agent.to_string());
     let goal = decl.goal.as_deref().map(render).transpose()?;
+    let backstory = decl.backstory.as_deref().map(render).transpose()?;
     let tool_list: Vec<Json> = tools
         .iter()
         .map(|(s, _)| serde_json::json!({ "name": s.name, "description": s.description }))
         .collect();
     let mut context = base.clone();
     context["agent"] = serde_json::json!({
-        "name": parts.agent, "role": role, "goal": goal, "tools": tool_list,
+        "name": parts.agent, "role": role, "goal": goal,
+        "backstory": backstory, "tools": tool_list,
     });
     context["task"] = serde_json::json!({ "id": parts.task, "prompt": parts.prompt });
     if let Some(schema) = &parts.output_schema {

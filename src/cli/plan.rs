@@ -139,7 +139,7 @@ fn print_plan(wf: Arc<Workflow>, inputs: &serde_json::Value, missing: &[String])
         let detail = format!("{indent}    ");
         match &t.kind {
             TaskKind::Run { command, .. } => println!("{detail}run: {}", show(command)),
-            TaskKind::Agent { agent, prompt } => {
+            TaskKind::Agent { agent, prompt, .. } => {
                 println!("{detail}agent {agent}: {}", show(prompt))
             }
             TaskKind::Script { source } => println!(

@@ -284,11 +284,15 @@ pub async fn execute(
     let restored_keys: HashSet<String> = spec.restored.keys().cloned().collect();
     let (input_tokens, output_tokens) = journal.run_usage(&spec.run_id)?;
     let prior_tokens = input_tokens + output_tokens;
-    let prior_failed: HashSet<String> = if spec.resumed {
+    let rerun: HashSet<String> = if spec.resumed {
         journal
             .tasks(&spec.run_id)?
             .into_iter()
-            .filter(|t| t.status == "failed")
+            // Failed, or succeeded but not restored (`retry --from`): ask the model again.
+            .filter(|t| {
+                t.status == "failed"
+                    || (t.status == "succeeded" && !spec.restored.contains_key(&t.key))
+            })
             .map(|t| t.key)
             .collect()
     } else {
@@ -320,7 +324,7 @@ pub async fn execute(
         providers: std::sync::Mutex::new(HashMap::new()),
         replay,
         scrub,
-        prior_failed,
+        rerun,
     };
     let mut machine = Machine::new(&wf, opts.max_parallel, restored_keys);
     ex.run_loop(&mut machine, rx, spec.resumed).await
@@ -357,7 +361,7 @@ struct Executor<'a> {
     /// One provider per model, built when an agent first needs it.
     providers: std::sync::Mutex<HashMap<String, Arc<dyn crate::llm::Provider>>>,
     /// Tasks whose last journaled attempt failed: their agent conversations start afresh.
-    prior_failed: HashSet<String>,
+    rerun: HashSet<String>,
 }
 
 type WorkFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -783,7 +787,28 @@ impl Executor<'_> {
                 .and_then(|r| r.output.clone())
                 .unwrap_or(Json::Null)
         };
-        if matches!(self.wf.tasks[node.decl].kind, TaskKind::Group) {
+        if matches!(
+            self.wf.tasks[node.decl].kind,
+            TaskKind::Agent {
+                decompose: true,
+                ..
+            }
+        ) {
+            // Subtask id → output.
+            let prefix = format!("{}.", node.key);
+            Json::Object(
+                node.children
+                    .iter()
+                    .map(|&c| {
+                        let key = &m.nodes[c].key;
+                        (
+                            key.strip_prefix(&prefix).unwrap_or(key).to_string(),
+                            output_of(key),
+                        )
+                    })
+                    .collect(),
+            )
+        } else if matches!(self.wf.tasks[node.decl].kind, TaskKind::Group) {
             Json::Object(
                 node.children
                     .iter()
@@ -1029,8 +1054,31 @@ impl Executor<'_> {
                     },
                 }
             }
-            TaskKind::Agent { agent, prompt } => {
+            TaskKind::Agent {
+                agent,
+                prompt,
+                decompose,
+            } => {
                 let prompt = render("`prompt`", prompt)?;
+                // A planned subtask names its own agent and request; the planner plans.
+                let (agent, prompt, output_schema) = match (&m.nodes[n].item, decompose) {
+                    (Some(sub), true) => {
+                        let agent = sub["agent"].as_str().unwrap_or_default().to_string();
+                        let request = sub["prompt"].as_str().unwrap_or_default();
+                        (
+                            agent,
+                            format!("{request}\n\n(Part of a larger task: {prompt})"),
+                            None,
+                        )
+                    }
+                    (_, true) => (agent.clone(), prompt, Some(plan_schema(&self.wf))),
+                    _ => (
+                        agent.clone(),
+                        prompt,
+                        decl.output.as_ref().and_then(|o| o.schema.clone()),
+                    ),
+                };
+                let agent = &agent;
                 let model = self
                     .wf
                     .agents
@@ -1043,7 +1091,7 @@ impl Executor<'_> {
                     agent,
                     task: &key,
                     prompt,
-                    output_schema: decl.output.as_ref().and_then(|o| o.schema.clone()),
+                    output_schema,
                     inputs: &self.inputs,
                     run: &self.run,
                     run_id: &self.run_id,
@@ -1051,7 +1099,7 @@ impl Executor<'_> {
                     workspace: self.workspace.clone(),
                     provider: self.provider(&model)?,
                     // A conversation continues after a crash, not after a failure.
-                    fresh: m.nodes[n].attempt > 1 || self.prior_failed.contains(&key),
+                    fresh: m.nodes[n].attempt > 1 || self.rerun.contains(&key),
                     run_tokens: self.run_tokens.clone(),
                     secrets: self.secrets.clone(),
                     progress: self.opts.stream.then(|| {
@@ -1114,7 +1162,39 @@ impl Executor<'_> {
                 if let Some(u) = usage {
                     self.charge(&decl.kind, u);
                 }
+                let planner = matches!(
+                    decl.kind,
+                    TaskKind::Agent {
+                        decompose: true,
+                        ..
+                    }
+                ) && m.nodes[n].item.is_none();
                 match result {
+                    Ok(plan) if planner => match subtasks(&self.wf, &plan) {
+                        Ok(children) => {
+                            // The plan is durable in the planner's journaled conversation;
+                            // the task finishes when its subtasks do.
+                            let count = children.len();
+                            self.record(Event::TaskExpanded {
+                                run: self.run_id.clone(),
+                                ts: now_ms(),
+                                task: m.nodes[n].key.clone(),
+                                items: count,
+                            })?;
+                            queue.push_back(MEvent::Decomposed(n, children));
+                        }
+                        Err(problem) => {
+                            let error = Some(format!("the plan is not usable: {problem}"));
+                            self.remember(m, n, Status::Failed, None, error.clone());
+                            let actions = m.handle(MEvent::Failed(n, ErrorClass::Output));
+                            if m.nodes[n].status == Status::Failed {
+                                let event =
+                                    self.finished_event(m, n, Status::Failed, None, error, None);
+                                self.record(event)?;
+                            }
+                            self.apply(m, actions, queue)?;
+                        }
+                    },
                     Ok(output) => {
                         self.succeed(m, n, output, usage)?;
                         queue.push_back(MEvent::Succeeded(n));
@@ -1227,6 +1307,77 @@ impl Executor<'_> {
                 + usage.output_tokens as f64 * per_million("output") / 1e6;
         }
     }
+}
+
+/// Most subtasks one plan may create.
+const MAX_SUBTASKS: usize = 20;
+
+/// The JSON Schema a planning agent's answer must satisfy.
+fn plan_schema(wf: &Workflow) -> Json {
+    let agents: Vec<&str> = wf
+        .agents
+        .iter()
+        .filter(|(_, a)| a.script.is_none())
+        .map(|(name, _)| name.as_str())
+        .collect();
+    serde_json::json!({
+        "type": "object",
+        "required": ["subtasks"],
+        "properties": {
+            "subtasks": {
+                "type": "array", "minItems": 1, "maxItems": MAX_SUBTASKS,
+                "items": {
+                    "type": "object",
+                    "required": ["id", "agent", "prompt"],
+                    "properties": {
+                        "id": { "type": "string" },
+                        "agent": { "type": "string", "enum": agents },
+                        "prompt": { "type": "string" },
+                        "needs": { "type": "array", "items": { "type": "string" } }
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Checks a plan beyond its schema (ids, agents, needs in order) and turns it into children.
+fn subtasks(wf: &Workflow, plan: &Json) -> Result<Vec<(String, Json, Vec<usize>)>, String> {
+    let items = plan["subtasks"].as_array().ok_or("no `subtasks` list")?;
+    if items.is_empty() || items.len() > MAX_SUBTASKS {
+        return Err(format!(
+            "{} subtasks (1 to {MAX_SUBTASKS} allowed)",
+            items.len()
+        ));
+    }
+    let mut ids: Vec<String> = Vec::new();
+    let mut out = Vec::new();
+    for item in items {
+        let id = item["id"].as_str().unwrap_or_default().to_string();
+        let valid = !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid || ids.contains(&id) {
+            return Err(format!("subtask id `{id}` is empty, invalid or repeated"));
+        }
+        let agent = item["agent"].as_str().unwrap_or_default();
+        if !wf.agents.contains_key(agent) {
+            return Err(format!("subtask `{id}` names unknown agent `{agent}`"));
+        }
+        let mut needs = Vec::new();
+        for need in item["needs"].as_array().into_iter().flatten() {
+            let need = need.as_str().unwrap_or_default();
+            match ids.iter().position(|i| i == need) {
+                Some(ix) => needs.push(ix),
+                None => {
+                    return Err(format!(
+                        "subtask `{id}` needs `{need}`, which is not listed before it"
+                    ))
+                }
+            }
+        }
+        ids.push(id.clone());
+        out.push((id, item.clone(), needs));
+    }
+    Ok(out)
 }
 
 fn with_usage(event: &mut Event, usage: Option<Usage>) {

@@ -76,6 +76,8 @@ pub enum Event {
     PreparedRun(NodeId),
     /// `for_each` evaluated to these items.
     PreparedFanOut(NodeId, Vec<Json>),
+    /// A planning agent's subtasks: (key suffix, item, indices of the subtasks each needs).
+    Decomposed(NodeId, Vec<(String, Json, Vec<usize>)>),
     PrepareFailed(NodeId),
     Succeeded(NodeId),
     Failed(NodeId, ErrorClass),
@@ -207,7 +209,24 @@ impl<'w> Machine<'w> {
             }
             Event::PreparedFanOut(n, items) => {
                 self.in_flight -= 1;
-                self.fan_out(n, items, &mut actions);
+                let base = self.nodes[n].key.clone();
+                let children = items
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, item)| (format!("{base}[{i}]"), item, Vec::new()))
+                    .collect();
+                self.fan_out(n, children, &mut actions);
+            }
+            Event::Decomposed(n, subtasks) => {
+                // The planner's work is done; the node now waits for its subtasks.
+                self.release(n);
+                self.nodes[n].is_leaf = false;
+                let base = self.nodes[n].key.clone();
+                let children = subtasks
+                    .into_iter()
+                    .map(|(id, item, needs)| (format!("{base}.{id}"), item, needs))
+                    .collect();
+                self.fan_out(n, children, &mut actions);
             }
             Event::PrepareFailed(n) => {
                 self.in_flight -= 1;
@@ -412,19 +431,26 @@ impl<'w> Machine<'w> {
         self.ready.push_back(n);
     }
 
-    fn fan_out(&mut self, n: NodeId, items: Vec<Json>, actions: &mut Vec<Action>) {
+    /// Creates children at run time: `(key, item, indices of siblings it needs)`.
+    fn fan_out(
+        &mut self,
+        n: NodeId,
+        items: Vec<(String, Json, Vec<usize>)>,
+        actions: &mut Vec<Action>,
+    ) {
         let decl = self.nodes[n].decl;
-        let base = self.nodes[n].key.clone();
+        let first = self.nodes.len();
         let mut children = Vec::with_capacity(items.len());
-        for (i, item) in items.into_iter().enumerate() {
+        for (key, item, needs) in items.into_iter() {
             let id = self.nodes.len();
+            let needs: Vec<NodeId> = needs.into_iter().map(|i| first + i).collect();
             self.nodes.push(Node {
-                key: format!("{base}[{i}]"),
+                key,
                 decl,
                 item: Some(item),
                 parent: Some(n),
                 children: Vec::new(),
-                needs: Vec::new(),
+                needs,
                 dependents: Vec::new(),
                 status: Status::Pending,
                 attempt: 0,
@@ -432,6 +458,11 @@ impl<'w> Machine<'w> {
                 is_leaf: true,
             });
             children.push(id);
+        }
+        for &c in &children {
+            for need in self.nodes[c].needs.clone() {
+                self.nodes[need].dependents.push(c);
+            }
         }
         self.nodes[n].children = children.clone();
         self.nodes[n].status = Status::Running;

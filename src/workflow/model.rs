@@ -158,6 +158,7 @@ pub struct ModelDecl {
 pub struct AgentDecl {
     pub role: Option<String>,
     pub goal: Option<String>,
+    pub backstory: Option<String>,
     pub prompt: Option<PromptRef>,
     pub tools: Vec<String>,
     pub model: String,
@@ -322,6 +323,8 @@ pub enum TaskKind {
     Agent {
         agent: String,
         prompt: String,
+        /// The agent plans subtasks that become this task's children at run time.
+        decompose: bool,
     },
     Run {
         command: String,

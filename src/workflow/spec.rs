@@ -347,6 +347,11 @@ pub const TASK_KEYS: &[Key] = &[
     key("description", Ty::Str, "What the task is for."),
     key("prompt", Ty::Template, "Agent tasks: the request."),
     key(
+        "decompose",
+        Ty::Bool,
+        "Agent tasks: the agent plans subtasks (JSON) that run as this task's children.",
+    ),
+    key(
         "lang",
         Ty::Enum(&["rhai", "lua"]),
         "Script tasks: language of inline code (default rhai).",

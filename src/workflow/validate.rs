@@ -983,6 +983,7 @@ impl<'a> Cx<'a> {
                 AgentDecl {
                     role: f.get("role").and_then(|n| n.scalar_text()),
                     goal: f.get("goal").and_then(|n| n.scalar_text()),
+                    backstory: f.get("backstory").and_then(|n| n.scalar_text()),
                     prompt,
                     tools: tool_names,
                     model,
@@ -1347,6 +1348,7 @@ impl<'a> Cx<'a> {
             }
         };
         applies(self, "prompt", &["agent"]);
+        applies(self, "decompose", &["agent"]);
         applies(self, "lang", &["script"]);
         applies(self, "with", &["tool", "workflow"]);
         applies(self, "env", &["run"]);
@@ -1431,7 +1433,7 @@ impl<'a> Cx<'a> {
             });
         }
         let prompt = match f.get("prompt") {
-            Some(p) => self.template(p, "`prompt`", Some(ix), has_item, true)?,
+            Some(p) => self.template(p, "`prompt`", Some(ix), has_item, false)?,
             None => {
                 self.err(
                     Code::MissingKey,
@@ -1441,7 +1443,24 @@ impl<'a> Cx<'a> {
                 return None;
             }
         };
-        Some(TaskKind::Agent { agent, prompt })
+        let decompose = f
+            .get("decompose")
+            .and_then(|n| self.bool(n, "`decompose`"))
+            .unwrap_or(false);
+        if decompose && has_item {
+            if let Some(k) = f.key_node("decompose") {
+                self.err(
+                    Code::InvalidValue,
+                    k.pos,
+                    "`decompose` cannot be combined with `for_each`",
+                );
+            }
+        }
+        Some(TaskKind::Agent {
+            agent,
+            prompt,
+            decompose,
+        })
     }
 
     fn run_task(
