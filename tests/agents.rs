@@ -583,3 +583,38 @@ fn a_plan_naming_an_unknown_agent_fails_the_task_clearly() {
     let error = p.task("build").error.unwrap_or_default();
     assert!(error.contains("ghost"), "{error}");
 }
+
+#[test]
+fn tool_protocol_json_describes_tools_in_the_prompt_and_parses_calls_from_replies() {
+    let server = Server::start([
+        answer(
+            "{\"tool\": \"fs.write\", \"arguments\": {\"path\": \"n.txt\", \"content\": \"42\"}}",
+        ),
+        answer("Saved."),
+    ]);
+    let p = Project::new();
+    let w = p.workflow(
+        &server,
+        "agents:\n  local:\n    role: Helper\n    tools: [fs.write]\n    tool_protocol: json\ntasks:\n  t:\n    agent: local\n    prompt: Save 42\n",
+    );
+    let out = p.run(&["apply", &w.to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(p.task("t").output, Some(json!("Saved.")));
+    let requests = server.requests();
+    assert!(requests[0]
+        .body
+        .get("tools")
+        .is_none_or(|t| t.as_array().is_none_or(Vec::is_empty)));
+    assert!(requests[0].body["messages"][0]["content"]
+        .as_str()
+        .unwrap_or("")
+        .contains("\"tool\": \"<name>\""));
+    assert_eq!(
+        roles(&requests[1].body),
+        ["system", "user", "assistant", "user"]
+    );
+    assert!(requests[1].body["messages"][3]["content"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("Result of `fs.write`"));
+}

@@ -50,6 +50,8 @@ pub struct AgentJob {
     pub prompt: String,
     pub tools: Vec<(ToolSpec, AgentTool)>,
     pub max_turns: u32,
+    /// `tool_protocol: json`: tools described in the system prompt, calls parsed from replies.
+    pub json_tools: bool,
     pub output_schema: Option<Json>,
     pub workspace: PathBuf,
     pub provider: Arc<dyn Provider>,
@@ -181,9 +183,21 @@ pub async fn run(job: AgentJob) -> Result<AgentOutcome, AgentError> {
         turn += 1;
         let request = ChatRequest {
             model: job.model.clone(),
-            system: job.system.clone(),
-            messages: messages.clone(),
-            tools: specs.clone(),
+            system: if job.json_tools {
+                json_tools_prompt(&job.system, &specs)
+            } else {
+                job.system.clone()
+            },
+            messages: if job.json_tools {
+                plain_messages(&messages)
+            } else {
+                messages.clone()
+            },
+            tools: if job.json_tools {
+                Vec::new()
+            } else {
+                specs.clone()
+            },
             json: job.output_schema.is_some(),
             temperature: job.temperature,
             max_tokens: job.max_tokens,
@@ -226,6 +240,12 @@ pub async fn run(job: AgentJob) -> Result<AgentOutcome, AgentError> {
         usage.add(reply.usage);
         job.run_tokens
             .fetch_add(reply.usage.total(), Ordering::Relaxed);
+        let mut reply = reply;
+        if job.json_tools && reply.tool_calls.is_empty() {
+            if let Some(call) = parse_json_tool_call(&reply.content, turn) {
+                reply.tool_calls.push(call);
+            }
+        }
         messages.push(Message::assistant(
             reply.content.clone(),
             reply.tool_calls.clone(),
@@ -251,6 +271,61 @@ pub async fn run(job: AgentJob) -> Result<AgentOutcome, AgentError> {
             append(&journal, &job, &messages, Usage::default()).map_err(journal_err)?;
         }
     }
+}
+
+/// The system prompt with the tools described for `tool_protocol: json`.
+fn json_tools_prompt(system: &str, tools: &[ToolSpec]) -> String {
+    if tools.is_empty() {
+        return system.to_string();
+    }
+    let mut s = format!("{system}\n\n## Tools\n\nYou can call these tools:\n");
+    for t in tools {
+        s.push_str(&format!(
+            "- `{}`: {} Arguments (JSON Schema): {}\n",
+            t.name, t.description, t.parameters
+        ));
+    }
+    s.push_str(
+        "\nTo call a tool, reply with only a JSON object: {\"tool\": \"<name>\", \"arguments\": {...}}. \
+         The result comes back in the next message. When you are done, reply with your final answer instead.",
+    );
+    s
+}
+
+/// The conversation without native tool messages, for models that do not support them.
+fn plain_messages(messages: &[Message]) -> Vec<Message> {
+    let names: HashMap<&str, &str> = messages
+        .iter()
+        .flat_map(|m| m.tool_calls.iter())
+        .map(|c| (c.id.as_str(), c.name.as_str()))
+        .collect();
+    messages
+        .iter()
+        .map(|m| match m.role {
+            Role::Assistant => Message::assistant(m.content.clone(), Vec::new()),
+            Role::Tool => {
+                let id = m.tool_call_id.as_deref().unwrap_or_default();
+                let name = names.get(id).copied().unwrap_or("the tool");
+                Message::user(format!("Result of `{name}`:\n{}", m.content))
+            }
+            _ => m.clone(),
+        })
+        .collect()
+}
+
+/// A reply that is exactly `{"tool": NAME, "arguments": {...}}` (fenced or not) is a call.
+fn parse_json_tool_call(content: &str, turn: u32) -> Option<ToolCall> {
+    let value = parse_json_answer(content).ok()?;
+    let name = value.get("tool")?.as_str()?.to_string();
+    let arguments = value
+        .get("arguments")
+        .cloned()
+        .unwrap_or_else(|| serde_json::json!({}));
+    Some(ToolCall {
+        id: format!("call_{turn}"),
+        name,
+        arguments,
+    })
 }
 
 /// Journals the last message of the conversation.
@@ -490,6 +565,7 @@ pub fn build_job(parts: JobParts) -> Result<AgentJob, String> {
         prompt: parts.prompt,
         tools,
         max_turns: decl.max_turns,
+        json_tools: decl.json_tools,
         output_schema: parts.output_schema,
         workspace: parts.workspace,
         provider: parts.provider,

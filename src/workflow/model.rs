@@ -163,6 +163,8 @@ pub struct AgentDecl {
     pub tools: Vec<String>,
     pub model: String,
     pub max_turns: u32,
+    /// Tools described in the prompt and called with JSON replies, not the API's tool calling.
+    pub json_tools: bool,
     pub script: Option<PathBuf>,
     pub description: Option<String>,
 }

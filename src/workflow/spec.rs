@@ -155,6 +155,7 @@ pub const AGENT_KEYS: &[Key] = &[
     ),
     key("script", Ty::Str, "A custom agent written in Lua (.lua)."),
     key("description", Ty::Str, "What the agent does."),
+    key("tool_protocol", Ty::Enum(&["native", "json"]), "How tools are offered: the API's tool calling (native, default) or described in the prompt and called with JSON replies (json), for models without reliable tool calling."),
 ];
 
 pub const TOOL_KEYS: &[Key] = &[

@@ -978,6 +978,10 @@ impl<'a> Cx<'a> {
                 .get("max_turns")
                 .and_then(|n| self.positive(n, "`max_turns`"))
                 .unwrap_or(10) as u32;
+            let json_tools = f
+                .get("tool_protocol")
+                .and_then(|n| self.one_of(n, "`tool_protocol`", &["native", "json"]))
+                .is_some_and(|p| p == "json");
             out.insert(
                 name,
                 AgentDecl {
@@ -988,6 +992,7 @@ impl<'a> Cx<'a> {
                     tools: tool_names,
                     model,
                     max_turns,
+                    json_tools,
                     script,
                     description: f.get("description").and_then(|n| n.scalar_text()),
                 },
