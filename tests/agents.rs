@@ -618,3 +618,25 @@ fn tool_protocol_json_describes_tools_in_the_prompt_and_parses_calls_from_replie
         .unwrap_or("")
         .starts_with("Result of `fs.write`"));
 }
+
+#[test]
+fn a_task_token_budget_fails_only_that_task() {
+    let server = Server::start([
+        tool_call("c1", "fs_read", json!({ "path": "x" })),
+        answer("never asked"),
+        answer("other task"),
+    ]);
+    let p = Project::new();
+    let w = p.workflow(
+        &server,
+        "agents:\n  a:\n    role: R\n    tools: [fs.read]\ntasks:\n  small:\n    agent: a\n    prompt: Read x\n    budget: { tokens: 40 }\n    continue_on_error: true\n  other:\n    needs: [small]\n    agent: a\n    prompt: Go on\n",
+    );
+    let out = p.run(&["apply", &w.to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let error = p.task("small").error.unwrap_or_default();
+    assert!(
+        error.contains("token budget of 40 is exhausted (48 used)"),
+        "{error}"
+    );
+    assert_eq!(p.task("other").status, "succeeded");
+}

@@ -42,7 +42,8 @@ pub struct AgentJob {
     pub agent: String,
     pub task: String,
     pub run_id: String,
-    pub home: PathBuf,
+    /// The run's connection for agent conversations, shared by its agents.
+    pub journal: SharedJournal,
     pub model: String,
     pub temperature: Option<f64>,
     pub max_tokens: Option<u32>,
@@ -66,10 +67,16 @@ pub struct AgentJob {
     pub progress: Option<Progress>,
     /// Values replaced by `***` in everything journaled.
     pub secrets: Vec<String>,
+    /// Tokens this task may use (the task's or the agent's `budget.tokens`, the smaller).
+    pub task_token_budget: Option<u64>,
 }
 
 /// Receives live detail ("turn 2 · 1.2k chars") while a call streams.
 pub type Progress = Arc<dyn Fn(String) + Send + Sync>;
+
+/// One journal connection shared by a run's agents (opening one per task costs more than
+/// the rest of an agent step).
+pub type SharedJournal = Arc<std::sync::Mutex<Journal>>;
 
 /// What an agent task produces.
 #[derive(Debug, Clone)]
@@ -97,28 +104,35 @@ impl AgentError {
 
 /// Runs the conversation to its end.
 pub async fn run(job: AgentJob) -> Result<AgentOutcome, AgentError> {
-    let journal = Journal::open(&job.home).map_err(|e| AgentError::new(e.to_string()))?;
     let journal_err = |e: crate::store::JournalError| AgentError::new(format!("journal: {e}"));
-    if job.fresh {
-        journal
-            .clear_turns(&job.run_id, &job.task)
-            .map_err(journal_err)?;
-    }
-    // Continue a conversation an earlier session journaled.
-    let mut messages: Vec<Message> = Vec::new();
-    let mut usage = Usage::default();
-    for (m, input, output) in journal.turns(&job.run_id, &job.task).map_err(journal_err)? {
-        if let Ok(message) = serde_json::from_value::<Message>(m) {
-            messages.push(message);
-            usage.add(Usage {
-                input_tokens: input,
-                output_tokens: output,
-            });
+    // Continue a conversation an earlier session journaled. The connection is taken in a
+    // block of its own: it must never be held across an await.
+    let (mut messages, mut usage) = {
+        let journal = job
+            .journal
+            .lock()
+            .map_err(|_| AgentError::new("journal: the connection is unusable after a panic"))?;
+        if job.fresh {
+            journal
+                .clear_turns(&job.run_id, &job.task)
+                .map_err(journal_err)?;
         }
-    }
+        let mut messages: Vec<Message> = Vec::new();
+        let mut usage = Usage::default();
+        for (m, input, output) in journal.turns(&job.run_id, &job.task).map_err(journal_err)? {
+            if let Ok(message) = serde_json::from_value::<Message>(m) {
+                messages.push(message);
+                usage.add(Usage {
+                    input_tokens: input,
+                    output_tokens: output,
+                });
+            }
+        }
+        (messages, usage)
+    };
     if messages.is_empty() {
         messages.push(Message::user(job.prompt.clone()));
-        append(&journal, &job, &messages, Usage::default()).map_err(journal_err)?;
+        append(&job, &messages, Usage::default()).map_err(journal_err)?;
     }
     let mut turn = messages
         .iter()
@@ -142,7 +156,7 @@ pub async fn run(job: AgentJob) -> Result<AgentOutcome, AgentError> {
         for call in calls {
             let result = call_tool(&job, &by_name, &call).await;
             messages.push(Message::tool_result(call.id.clone(), result));
-            append(&journal, &job, &messages, Usage::default()).map_err(journal_err)?;
+            append(&job, &messages, Usage::default()).map_err(journal_err)?;
         }
     }
 
@@ -155,7 +169,7 @@ pub async fn run(job: AgentJob) -> Result<AgentOutcome, AgentError> {
                     Err(problems) if repairs < MAX_REPAIRS => {
                         repairs += 1;
                         messages.push(Message::user(repair_prompt(&problems)));
-                        append(&journal, &job, &messages, Usage::default()).map_err(journal_err)?;
+                        append(&job, &messages, Usage::default()).map_err(journal_err)?;
                     }
                     Err(problems) => {
                         return Err(AgentError::new(format!(
@@ -170,6 +184,14 @@ pub async fn run(job: AgentJob) -> Result<AgentOutcome, AgentError> {
                 "agent `{}` reached max_turns ({}) without a final answer",
                 job.agent, job.max_turns
             )));
+        }
+        if let Some(budget) = job.task_token_budget {
+            if usage.total() >= budget {
+                return Err(AgentError::new(format!(
+                    "the task's token budget of {budget} is exhausted ({} used)",
+                    usage.total()
+                )));
+            }
         }
         if let Some(budget) = job.token_budget {
             let used = job.run_tokens.load(Ordering::Relaxed);
@@ -250,7 +272,7 @@ pub async fn run(job: AgentJob) -> Result<AgentOutcome, AgentError> {
             reply.content.clone(),
             reply.tool_calls.clone(),
         ));
-        append(&journal, &job, &messages, reply.usage).map_err(journal_err)?;
+        append(&job, &messages, reply.usage).map_err(journal_err)?;
 
         for call in &reply.tool_calls {
             let signature = format!("{} {}", call.name, call.arguments);
@@ -268,7 +290,7 @@ pub async fn run(job: AgentJob) -> Result<AgentOutcome, AgentError> {
             }
             let result = call_tool(&job, &by_name, call).await;
             messages.push(Message::tool_result(call.id.clone(), result));
-            append(&journal, &job, &messages, Usage::default()).map_err(journal_err)?;
+            append(&job, &messages, Usage::default()).map_err(journal_err)?;
         }
     }
 }
@@ -330,7 +352,6 @@ fn parse_json_tool_call(content: &str, turn: u32) -> Option<ToolCall> {
 
 /// Journals the last message of the conversation.
 fn append(
-    journal: &Journal,
     job: &AgentJob,
     messages: &[Message],
     usage: Usage,
@@ -342,6 +363,13 @@ fn append(
         text = text.replace(secret.as_str(), "***");
     }
     let message = serde_json::from_str(&text).unwrap_or(Json::Null);
+    let journal = job
+        .journal
+        .lock()
+        .map_err(|_| crate::store::JournalError::Open {
+            path: PathBuf::from("journal"),
+            message: "the connection is unusable after a panic".into(),
+        })?;
     journal.append_turn(
         &job.run_id,
         &job.task,
@@ -462,13 +490,14 @@ pub struct JobParts<'a> {
     pub inputs: &'a Json,
     pub run: &'a Json,
     pub run_id: &'a str,
-    pub home: PathBuf,
+    pub journal: SharedJournal,
     pub workspace: PathBuf,
     pub provider: Arc<dyn Provider>,
     pub fresh: bool,
     pub run_tokens: Arc<AtomicU64>,
     pub progress: Option<Progress>,
     pub secrets: Vec<String>,
+    pub task_token_budget: Option<u64>,
 }
 
 /// Renders the agent's system prompt and collects its tools and model settings.
@@ -554,7 +583,7 @@ pub fn build_job(parts: JobParts) -> Result<AgentJob, String> {
         agent: parts.agent.to_string(),
         task: parts.task.to_string(),
         run_id: parts.run_id.to_string(),
-        home: parts.home,
+        journal: parts.journal,
         model: model.model.clone().unwrap_or_default(),
         temperature: settings.get("temperature").and_then(Json::as_f64),
         max_tokens: settings
@@ -575,6 +604,10 @@ pub fn build_job(parts: JobParts) -> Result<AgentJob, String> {
         http_allow: wf.http_allow.clone(),
         progress: parts.progress,
         secrets: parts.secrets,
+        task_token_budget: match (parts.task_token_budget, decl.token_budget) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        },
     })
 }
 
@@ -721,7 +754,10 @@ fn scratch(job: &AgentJob, call: &ToolCall) -> Result<Json, String> {
         .get("key")
         .and_then(Json::as_str)
         .ok_or("`key` (a string) is required")?;
-    let journal = Journal::open(&job.home).map_err(|e| e.to_string())?;
+    let journal = job
+        .journal
+        .lock()
+        .map_err(|_| "journal: the connection is unusable after a panic".to_string())?;
     if call.name == "scratch.set" {
         let value = call.arguments.get("value").cloned().unwrap_or(Json::Null);
         journal

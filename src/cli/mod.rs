@@ -387,6 +387,12 @@ fn print_summary(s: &RunSummary) {
     if s.skipped > 0 {
         parts.push(format!("{} skipped", s.skipped));
     }
+    if s.tokens > 0 {
+        parts.push(format!("{} LLM tokens", s.tokens));
+    }
+    if s.cost_usd > 0.0 {
+        parts.push(format!("${:.4}", s.cost_usd));
+    }
     eprintln!(
         "run {} {} in {}: {}",
         s.run_id,

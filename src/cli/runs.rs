@@ -105,6 +105,12 @@ pub fn runs(command: RunsCommand) -> i32 {
                     println!("error     {e}");
                 }
                 println!("inputs    {}", run.inputs);
+                let usage = journal.task_usage(&run.id).unwrap_or_default();
+                if let Ok((input, output)) = journal.run_usage(&run.id) {
+                    if input + output > 0 {
+                        println!("tokens    {} in, {} out", input, output);
+                    }
+                }
                 journal.tasks(&run.id).map(|tasks| {
                     println!();
                     for t in tasks {
@@ -112,8 +118,12 @@ pub fn runs(command: RunsCommand) -> i32 {
                             .duration_ms
                             .map(|d| human_duration(std::time::Duration::from_millis(d)))
                             .unwrap_or_default();
+                        let tokens = usage
+                            .get(&t.key)
+                            .map(|(i, o)| format!("  {} tokens", i + o))
+                            .unwrap_or_default();
                         println!(
-                            "{:<32} {:<18} attempt {:<3} {took}",
+                            "{:<32} {:<18} attempt {:<3} {took}{tokens}",
                             t.key, t.status, t.attempt
                         );
                         if let Some(e) = &t.error {

@@ -53,6 +53,9 @@ pub struct RunSummary {
     pub error: Option<String>,
     /// Outputs of the root tasks (a sub-workflow's output).
     pub outputs: serde_json::Map<String, Json>,
+    /// LLM tokens used by the run so far (all sessions) and this session's priced cost.
+    pub tokens: u64,
+    pub cost_usd: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -322,6 +325,7 @@ pub async fn execute(
         run_tokens: Arc::new(std::sync::atomic::AtomicU64::new(prior_tokens)),
         cost_usd: 0.0,
         providers: std::sync::Mutex::new(HashMap::new()),
+        agent_journal: std::sync::OnceLock::new(),
         replay,
         scrub,
         rerun,
@@ -355,6 +359,8 @@ struct Executor<'a> {
     /// LLM tokens used by the run (all sessions), shared with running agents.
     run_tokens: Arc<std::sync::atomic::AtomicU64>,
     cost_usd: f64,
+    /// The connection agents journal their turns on, opened when the first agent starts.
+    agent_journal: std::sync::OnceLock<crate::agents::SharedJournal>,
     /// Every model's provider under `--replay`.
     replay: Option<Arc<dyn crate::llm::Provider>>,
     scrub: crate::llm::Scrub,
@@ -526,6 +532,8 @@ impl Executor<'_> {
             duration,
             error,
             outputs,
+            tokens: self.run_tokens.load(std::sync::atomic::Ordering::Relaxed),
+            cost_usd: self.cost_usd,
         })
     }
 
@@ -1058,6 +1066,7 @@ impl Executor<'_> {
                 agent,
                 prompt,
                 decompose,
+                token_budget,
             } => {
                 let prompt = render("`prompt`", prompt)?;
                 // A planned subtask names its own agent and request; the planner plans.
@@ -1095,13 +1104,14 @@ impl Executor<'_> {
                     inputs: &self.inputs,
                     run: &self.run,
                     run_id: &self.run_id,
-                    home: self.opts.home.clone(),
+                    journal: self.agent_journal()?,
                     workspace: self.workspace.clone(),
                     provider: self.provider(&model)?,
                     // A conversation continues after a crash, not after a failure.
                     fresh: m.nodes[n].attempt > 1 || self.rerun.contains(&key),
                     run_tokens: self.run_tokens.clone(),
                     secrets: self.secrets.clone(),
+                    task_token_budget: *token_budget,
                     progress: self.opts.stream.then(|| {
                         let tx = self.tx.clone();
                         Arc::new(move |detail: String| {
@@ -1243,6 +1253,17 @@ impl Executor<'_> {
         let mut event = self.finished_event(m, n, Status::Succeeded, output, None, None);
         with_usage(&mut event, usage);
         self.record(event)
+    }
+
+    fn agent_journal(&self) -> Result<crate::agents::SharedJournal, String> {
+        if let Some(j) = self.agent_journal.get() {
+            return Ok(j.clone());
+        }
+        let journal = Journal::open(&self.opts.home).map_err(|e| e.to_string())?;
+        Ok(self
+            .agent_journal
+            .get_or_init(|| Arc::new(std::sync::Mutex::new(journal)))
+            .clone())
     }
 
     /// The provider of a named model, built once per run.

@@ -134,6 +134,10 @@ mod tests {
         let calls = (0..3).map(|_| limited.chat(&request, None));
         futures_util::future::join_all(calls).await;
         // Three starts 100 ms apart: the last starts at 200 ms.
-        assert!(t0.elapsed() >= Duration::from_millis(200), "{:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            t0.elapsed()
+        );
     }
 }

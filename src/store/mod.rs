@@ -3,6 +3,7 @@
 //! Each event is applied to the run and task tables and appended to the event log in one
 //! transaction, before anyone else sees it; resume is reading these tables back.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -348,6 +349,22 @@ impl Journal {
             params![run, task],
         )?;
         Ok(())
+    }
+
+    /// Tokens each agent task of a run used, by task key.
+    pub fn task_usage(&self, run: &str) -> Result<HashMap<String, (u64, u64)>, JournalError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT task, sum(input_tokens), sum(output_tokens) FROM turns WHERE run = ?1 GROUP BY task",
+        )?;
+        let rows = stmt
+            .query_map(params![run], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    (r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64),
+                ))
+            })?
+            .collect::<Result<HashMap<_, _>, _>>()?;
+        Ok(rows)
     }
 
     /// Tokens used by a run's agents so far (for budgets and `runs show`).

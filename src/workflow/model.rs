@@ -165,6 +165,8 @@ pub struct AgentDecl {
     pub max_turns: u32,
     /// Tools described in the prompt and called with JSON replies, not the API's tool calling.
     pub json_tools: bool,
+    /// Tokens each task of this agent may use.
+    pub token_budget: Option<u64>,
     pub script: Option<PathBuf>,
     pub description: Option<String>,
 }
@@ -327,6 +329,8 @@ pub enum TaskKind {
         prompt: String,
         /// The agent plans subtasks that become this task's children at run time.
         decompose: bool,
+        /// Tokens this task may use.
+        token_budget: Option<u64>,
     },
     Run {
         command: String,

@@ -155,6 +155,7 @@ pub const AGENT_KEYS: &[Key] = &[
     ),
     key("script", Ty::Str, "A custom agent written in Lua (.lua)."),
     key("description", Ty::Str, "What the agent does."),
+    key("budget", Ty::Object(TOKEN_BUDGET_KEYS), "Tokens each task of this agent may use."),
     key("tool_protocol", Ty::Enum(&["native", "json"]), "How tools are offered: the API's tool calling (native, default) or described in the prompt and called with JSON replies (json), for models without reliable tool calling."),
 ];
 
@@ -250,6 +251,8 @@ pub const HISTORY_KEYS: &[Key] = &[
         "Keep at most this many finished runs.",
     ),
 ];
+
+pub const TOKEN_BUDGET_KEYS: &[Key] = &[key("tokens", Ty::PosInt, "LLM tokens, input and output.")];
 
 pub const HTTP_KEYS: &[Key] = &[
     key("allow", Ty::StrList, "Hosts (`api.example.com`, `127.0.0.1:8080`) agents may call with `http.request`; nothing else is reachable."),
@@ -347,6 +350,11 @@ pub const TASK_KEYS: &[Key] = &[
     ),
     key("description", Ty::Str, "What the task is for."),
     key("prompt", Ty::Template, "Agent tasks: the request."),
+    key(
+        "budget",
+        Ty::Object(TOKEN_BUDGET_KEYS),
+        "Agent tasks: tokens this task may use.",
+    ),
     key(
         "decompose",
         Ty::Bool,

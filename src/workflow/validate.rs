@@ -978,6 +978,7 @@ impl<'a> Cx<'a> {
                 .get("max_turns")
                 .and_then(|n| self.positive(n, "`max_turns`"))
                 .unwrap_or(10) as u32;
+            let token_budget = f.get("budget").and_then(|n| self.token_budget(n));
             let json_tools = f
                 .get("tool_protocol")
                 .and_then(|n| self.one_of(n, "`tool_protocol`", &["native", "json"]))
@@ -993,6 +994,7 @@ impl<'a> Cx<'a> {
                     model,
                     max_turns,
                     json_tools,
+                    token_budget,
                     script,
                     description: f.get("description").and_then(|n| n.scalar_text()),
                 },
@@ -1118,6 +1120,12 @@ impl<'a> Cx<'a> {
                 .map(|(s, _)| (s, None))
                 .collect(),
         }
+    }
+
+    fn token_budget(&mut self, node: &Node) -> Option<u64> {
+        let f = self.fields(node, "`budget`", spec::TOKEN_BUDGET_KEYS)?;
+        f.get("tokens")
+            .and_then(|n| self.positive(n, "`budget.tokens`"))
     }
 
     fn budget(&mut self, node: &Node) -> Budget {
@@ -1354,6 +1362,7 @@ impl<'a> Cx<'a> {
         };
         applies(self, "prompt", &["agent"]);
         applies(self, "decompose", &["agent"]);
+        applies(self, "budget", &["agent"]);
         applies(self, "lang", &["script"]);
         applies(self, "with", &["tool", "workflow"]);
         applies(self, "env", &["run"]);
@@ -1461,10 +1470,12 @@ impl<'a> Cx<'a> {
                 );
             }
         }
+        let token_budget = f.get("budget").and_then(|n| self.token_budget(n));
         Some(TaskKind::Agent {
             agent,
             prompt,
             decompose,
+            token_budget,
         })
     }
 
