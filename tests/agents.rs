@@ -640,3 +640,48 @@ fn a_task_token_budget_fails_only_that_task() {
     );
     assert_eq!(p.task("other").status, "succeeded");
 }
+
+#[test]
+fn an_anthropic_agent_uses_tools_and_answers() {
+    let reply = |content: Json, stop: &str| {
+        Response::json(
+            200,
+            json!({ "id": "msg", "type": "message", "role": "assistant", "content": content,
+                    "stop_reason": stop, "usage": { "input_tokens": 30, "output_tokens": 10 } }),
+        )
+    };
+    let server = Server::start([
+        reply(
+            json!([{ "type": "tool_use", "id": "toolu_1", "name": "fs_write", "input": { "path": "a.md", "content": "# A" } }]),
+            "tool_use",
+        ),
+        reply(
+            json!([{ "type": "text", "text": "Wrote a.md." }]),
+            "end_turn",
+        ),
+    ]);
+    let p = Project::new();
+    let path = p.dir.path().join("w.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "helix: 1\nname: claude\nmodels:\n  default: {{ provider: anthropic, model: claude-test, base_url: \"{}\", api_key_env: HELIX_TEST_KEY }}\nagents:\n  writer:\n    role: Writer\n    tools: [fs.write]\ntasks:\n  doc:\n    agent: writer\n    prompt: Write a.md\n",
+            server.url()
+        ),
+    )
+    .expect("write");
+    let out = p.run(&["apply", &path.to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(p.task("doc").output, Some(json!("Wrote a.md.")));
+    let requests = server.requests();
+    assert_eq!(requests[0].path, "/v1/messages");
+    assert_eq!(requests[0].header("x-api-key"), Some(KEY));
+    // The tool result went back as a tool_result block answering toolu_1.
+    let last = requests[1].body["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(last["content"][0]["type"], json!("tool_result"));
+    assert_eq!(last["content"][0]["tool_use_id"], json!("toolu_1"));
+}
