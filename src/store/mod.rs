@@ -344,9 +344,11 @@ impl Journal {
 
     /// Forgets an agent's conversation (a new attempt after a failure starts afresh).
     pub fn clear_turns(&self, run: &str, task: &str) -> Result<(), JournalError> {
+        // Set aside rather than deleted: the tokens were spent and still count against the
+        // run's budget (`run_usage`), but the next attempt starts a new conversation.
         self.conn.execute(
-            "DELETE FROM turns WHERE run = ?1 AND task = ?2",
-            params![run, task],
+            "UPDATE turns SET task = task || '~' || ?3 WHERE run = ?1 AND task = ?2",
+            params![run, task, now_ms() as i64],
         )?;
         Ok(())
     }
@@ -354,7 +356,8 @@ impl Journal {
     /// Tokens each agent task of a run used, by task key.
     pub fn task_usage(&self, run: &str) -> Result<HashMap<String, (u64, u64)>, JournalError> {
         let mut stmt = self.conn.prepare(
-            "SELECT task, sum(input_tokens), sum(output_tokens) FROM turns WHERE run = ?1 GROUP BY task",
+            "SELECT CASE WHEN instr(task, '~') > 0 THEN substr(task, 1, instr(task, '~') - 1) ELSE task END AS t,
+                    sum(input_tokens), sum(output_tokens) FROM turns WHERE run = ?1 GROUP BY t",
         )?;
         let rows = stmt
             .query_map(params![run], |r| {
