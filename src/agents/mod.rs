@@ -141,11 +141,7 @@ pub async fn run(job: AgentJob) -> Result<AgentOutcome, AgentError> {
     let mut repairs = 0;
     let mut recent_calls: Vec<String> = Vec::new();
     let specs: Vec<ToolSpec> = job.tools.iter().map(|(s, _)| s.clone()).collect();
-    let by_name: HashMap<&str, &AgentTool> = job
-        .tools
-        .iter()
-        .map(|(s, t)| (s.name.as_str(), t))
-        .collect();
+    let env = ToolEnv::of(&job);
 
     // A journaled conversation may end with tool calls whose results were not journaled yet.
     if let Some(last) = messages
@@ -154,7 +150,7 @@ pub async fn run(job: AgentJob) -> Result<AgentOutcome, AgentError> {
     {
         let calls = last.tool_calls.clone();
         for call in calls {
-            let result = call_tool(&job, &by_name, &call).await;
+            let result = call_tool(&env, &call).await;
             messages.push(Message::tool_result(call.id.clone(), result));
             append(&job, &messages, Usage::default()).map_err(journal_err)?;
         }
@@ -288,7 +284,7 @@ pub async fn run(job: AgentJob) -> Result<AgentOutcome, AgentError> {
                     job.agent
                 )));
             }
-            let result = call_tool(&job, &by_name, call).await;
+            let result = call_tool(&env, call).await;
             messages.push(Message::tool_result(call.id.clone(), result));
             append(&job, &messages, Usage::default()).map_err(journal_err)?;
         }
@@ -411,31 +407,67 @@ fn repair_prompt(problems: &str) -> String {
 }
 
 /// Runs one tool call; failures go back to the model as text so it can correct itself.
-async fn call_tool(job: &AgentJob, tools: &HashMap<&str, &AgentTool>, call: &ToolCall) -> String {
-    let result = match tools.get(call.name.as_str()) {
-        None => Err(format!(
-            "unknown tool `{}`; available: {}",
-            call.name,
-            tools.keys().copied().collect::<Vec<_>>().join(", ")
-        )),
+/// What a tool call can reach: the workspace, the journal (scratchpad), the allowed hosts and
+/// the tools an agent (or script) may call.
+#[derive(Clone)]
+pub struct ToolEnv {
+    pub workspace: PathBuf,
+    pub journal: SharedJournal,
+    pub run_id: String,
+    pub task: String,
+    pub http_allow: Vec<String>,
+    pub tools: HashMap<String, AgentTool>,
+}
+
+impl ToolEnv {
+    fn of(job: &AgentJob) -> ToolEnv {
+        ToolEnv {
+            workspace: job.workspace.clone(),
+            journal: job.journal.clone(),
+            run_id: job.run_id.clone(),
+            task: job.task.clone(),
+            http_allow: job.http_allow.clone(),
+            tools: job
+                .tools
+                .iter()
+                .map(|(s, t)| (s.name.clone(), t.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// Calls one tool and returns its result.
+pub async fn invoke(env: &ToolEnv, name: &str, args: &Json) -> Result<Json, String> {
+    match env.tools.get(name) {
+        None => {
+            let mut names: Vec<&str> = env.tools.keys().map(String::as_str).collect();
+            names.sort_unstable();
+            Err(format!(
+                "unknown tool `{name}`; available: {}",
+                names.join(", ")
+            ))
+        }
         Some(AgentTool::Builtin) => {
-            let name = call.name.clone();
-            let args = call.arguments.clone();
+            let (name, args) = (name.to_string(), args.clone());
             let cx = ToolContext {
-                workspace: job.workspace.clone(),
+                workspace: env.workspace.clone(),
             };
             tokio::task::spawn_blocking(move || tools::call_builtin(&name, &args, &cx))
                 .await
                 .map_err(|e| format!("tool failed: {e}"))
                 .and_then(|r| r.map_err(|e| e.to_string()))
         }
-        Some(AgentTool::Scratch) => scratch(job, call),
-        Some(AgentTool::Http) => http_request(&job.http_allow, &call.arguments).await,
+        Some(AgentTool::Scratch) => scratch(env, name, args),
+        Some(AgentTool::Http) => http_request(&env.http_allow, args).await,
         Some(AgentTool::Script { path, params }) => {
-            run_script_tool(&call.name, path, params, &call.arguments).await
+            run_script_tool(env, name, path, params, args).await
         }
-    };
-    let text = match result {
+    }
+}
+
+/// Runs one tool call for the model: failures go back as text so it can correct itself.
+async fn call_tool(env: &ToolEnv, call: &ToolCall) -> String {
+    let text = match invoke(env, &call.name, &call.arguments).await {
         Ok(Json::String(s)) => s,
         Ok(v) => v.to_string(),
         Err(e) => format!("error: {e}"),
@@ -449,6 +481,7 @@ async fn call_tool(job: &AgentJob, tools: &HashMap<&str, &AgentTool>, call: &Too
 }
 
 async fn run_script_tool(
+    _env: &ToolEnv,
     name: &str,
     path: &std::path::Path,
     params: &Json,
@@ -748,25 +781,24 @@ fn scratch_spec(name: &str) -> ToolSpec {
     }
 }
 
-fn scratch(job: &AgentJob, call: &ToolCall) -> Result<Json, String> {
-    let key = call
-        .arguments
+fn scratch(env: &ToolEnv, name: &str, args: &Json) -> Result<Json, String> {
+    let key = args
         .get("key")
         .and_then(Json::as_str)
         .ok_or("`key` (a string) is required")?;
-    let journal = job
+    let journal = env
         .journal
         .lock()
         .map_err(|_| "journal: the connection is unusable after a panic".to_string())?;
-    if call.name == "scratch.set" {
-        let value = call.arguments.get("value").cloned().unwrap_or(Json::Null);
+    if name == "scratch.set" {
+        let value = args.get("value").cloned().unwrap_or(Json::Null);
         journal
-            .scratch_set(&job.run_id, &job.task, key, &value)
+            .scratch_set(&env.run_id, &env.task, key, &value)
             .map_err(|e| e.to_string())?;
         Ok(serde_json::json!({ "stored": key }))
     } else {
         Ok(journal
-            .scratch_get(&job.run_id, &job.task, key)
+            .scratch_get(&env.run_id, &env.task, key)
             .map_err(|e| e.to_string())?
             .unwrap_or(Json::Null))
     }
