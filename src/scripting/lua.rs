@@ -15,7 +15,7 @@ const HOOK_INTERVAL: u32 = 1000;
 
 /// The libraries a script gets besides the base library; io, package and debug are left out.
 /// `os` is loaded only to keep its clock functions (see `SANDBOX`).
-fn libraries() -> StdLib {
+pub(super) fn libraries() -> StdLib {
     StdLib::COROUTINE | StdLib::TABLE | StdLib::STRING | StdLib::UTF8 | StdLib::MATH | StdLib::OS
 }
 
@@ -173,7 +173,7 @@ fn execute(
         .map_err(|message| ScriptError::new(src, None, ScriptErrorKind::Value, message))
 }
 
-fn load(lua: &Lua, src: &ScriptSource) -> mlua::Result<Function> {
+pub(super) fn load(lua: &Lua, src: &ScriptSource) -> mlua::Result<Function> {
     lua.load(src.code_at_first_line())
         .set_name(chunk_name(src))
         .set_mode(ChunkMode::Text)
@@ -181,11 +181,11 @@ fn load(lua: &Lua, src: &ScriptSource) -> mlua::Result<Function> {
 }
 
 /// A leading `=` makes Lua print the name as is, instead of `[string "..."]`.
-fn chunk_name(src: &ScriptSource) -> String {
+pub(super) fn chunk_name(src: &ScriptSource) -> String {
     format!("={}", src.name)
 }
 
-fn install_sandbox(lua: &Lua, budget: &Arc<Budget>) -> mlua::Result<()> {
+pub(super) fn install_sandbox(lua: &Lua, budget: &Arc<Budget>) -> mlua::Result<()> {
     let check_budget = {
         let budget = Arc::clone(budget);
         lua.create_function(move |_, ()| budget.check())?
@@ -223,27 +223,29 @@ fn install_sandbox(lua: &Lua, budget: &Arc<Budget>) -> mlua::Result<()> {
         .call((check_budget, hand_hook_to, charge_span))
 }
 
-fn hook_triggers() -> HookTriggers {
+pub(super) fn hook_triggers() -> HookTriggers {
     HookTriggers::new().every_nth_instruction(HOOK_INTERVAL)
 }
 
 /// The instruction budget and the reason it ran out, shared by the hook and the sandbox's
 /// helpers.
-struct Budget {
-    limits: Limits,
-    chunk_name: String,
-    used: AtomicU64,
-    spent: OnceLock<Spent>,
+pub(super) struct Budget {
+    pub(super) limits: Limits,
+    pub(super) chunk_name: String,
+    pub(super) used: AtomicU64,
+    pub(super) spent: OnceLock<Spent>,
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Spent {
-    kind: ScriptErrorKind,
-    line: Option<u32>,
+pub(super) struct Spent {
+    pub(super) kind: ScriptErrorKind,
+    pub(super) line: Option<u32>,
 }
 
 impl Budget {
-    fn hook(self: &Arc<Self>) -> impl Fn(&Lua, mlua::Debug) -> mlua::Result<VmState> + Send {
+    pub(super) fn hook(
+        self: &Arc<Self>,
+    ) -> impl Fn(&Lua, mlua::Debug) -> mlua::Result<VmState> + Send {
         let budget = Arc::clone(self);
         move |lua, debug| {
             budget.charge(HOOK_INTERVAL.into(), || {
@@ -287,7 +289,7 @@ impl Budget {
     }
 
     /// The innermost line of the script on the call stack.
-    fn line_on_stack(&self, lua: &Lua) -> Option<u32> {
+    pub(super) fn line_on_stack(&self, lua: &Lua) -> Option<u32> {
         (0..)
             .map_while(|level| lua.inspect_stack(level))
             .find_map(|debug| self.line_of(&debug))
@@ -295,7 +297,7 @@ impl Budget {
 }
 
 /// Reads Lua's "name:line: message", dropping the traceback mlua appends.
-fn lua_error(src: &ScriptSource, limits: &Limits, error: mlua::Error) -> ScriptError {
+pub(super) fn lua_error(src: &ScriptSource, limits: &Limits, error: mlua::Error) -> ScriptError {
     let (kind, message) = match error {
         mlua::Error::SyntaxError { message, .. } => (ScriptErrorKind::Syntax, message),
         mlua::Error::RuntimeError(message) => (ScriptErrorKind::Runtime, message),
@@ -340,7 +342,7 @@ fn located_in<'m>(name: &str, message: &'m str) -> Option<(u32, &'m str)> {
     Some((line.parse().ok()?, text))
 }
 
-fn json_to_lua(lua: &Lua, json: &Json, array_marker: &Table) -> mlua::Result<Value> {
+pub(super) fn json_to_lua(lua: &Lua, json: &Json, array_marker: &Table) -> mlua::Result<Value> {
     Ok(match json {
         Json::Null => Value::Nil,
         Json::Bool(b) => Value::Boolean(*b),
@@ -367,7 +369,11 @@ fn json_to_lua(lua: &Lua, json: &Json, array_marker: &Table) -> mlua::Result<Val
     })
 }
 
-fn lua_to_json(value: &Value, array_marker: &Table, depth: usize) -> Result<Json, String> {
+pub(super) fn lua_to_json(
+    value: &Value,
+    array_marker: &Table,
+    depth: usize,
+) -> Result<Json, String> {
     match value {
         Value::Nil => Ok(Json::Null),
         Value::Boolean(b) => Ok(Json::Bool(*b)),
@@ -431,7 +437,7 @@ fn table_to_json(table: &Table, array_marker: &Table, depth: usize) -> Result<Js
 }
 
 /// The values in key order if the keys are exactly 1..n.
-fn sequence(entries: &[(Value, Value)]) -> Option<Vec<&Value>> {
+pub(super) fn sequence(entries: &[(Value, Value)]) -> Option<Vec<&Value>> {
     let mut items = vec![None; entries.len()];
     for (key, value) in entries {
         let index = key

@@ -6,6 +6,7 @@
 //! owns what both share: the source, the limits, the error and the thread a script runs on.
 
 mod lua;
+pub mod lua_api;
 // Referred to as `self::rhai`, since the crate it wraps has the same name.
 mod rhai;
 
