@@ -44,6 +44,7 @@ pub struct AgentJob {
     pub run_id: String,
     /// The run's connection for agent conversations, shared by its agents.
     pub journal: SharedJournal,
+    pub workflow_dir: PathBuf,
     pub model: String,
     pub temperature: Option<f64>,
     pub max_tokens: Option<u32>,
@@ -412,6 +413,8 @@ fn repair_prompt(problems: &str) -> String {
 #[derive(Clone)]
 pub struct ToolEnv {
     pub workspace: PathBuf,
+    /// Where templates rendered by scripts are looked up.
+    pub workflow_dir: PathBuf,
     pub journal: SharedJournal,
     pub run_id: String,
     pub task: String,
@@ -423,6 +426,7 @@ impl ToolEnv {
     fn of(job: &AgentJob) -> ToolEnv {
         ToolEnv {
             workspace: job.workspace.clone(),
+            workflow_dir: job.workflow_dir.clone(),
             journal: job.journal.clone(),
             run_id: job.run_id.clone(),
             task: job.task.clone(),
@@ -501,6 +505,21 @@ async fn run_script_tool(
         name: path.display().to_string(),
         first_line: 1,
     };
+    if lang == crate::scripting::Lang::Lua {
+        // A Lua tool gets `ctx` too, limited to the built-in file tools.
+        let cx = script_context(
+            _env,
+            None,
+            String::new(),
+            String::new(),
+            serde_json::json!({}),
+            Vec::new(),
+        );
+        let limits = crate::scripting::Limits::default();
+        return crate::scripting::lua_api::run_tool(&source, Json::Object(given), cx, &limits)
+            .await
+            .map_err(|e| e.to_string());
+    }
     let mut globals = serde_json::Map::new();
     globals.insert("args".into(), Json::Object(given));
     let limits = crate::scripting::Limits::default();
@@ -533,26 +552,13 @@ pub struct JobParts<'a> {
     pub task_token_budget: Option<u64>,
 }
 
-/// Renders the agent's system prompt and collects its tools and model settings.
-pub fn build_job(parts: JobParts) -> Result<AgentJob, String> {
-    use crate::workflow::PromptRef;
-    let wf = parts.workflow;
-    let decl = wf
-        .agents
-        .get(parts.agent)
-        .ok_or_else(|| format!("unknown agent `{}`", parts.agent))?;
-    if decl.script.is_some() {
-        return Err(format!(
-            "agent `{}` is a Lua script; scripted agents are not executable in this build yet",
-            parts.agent
-        ));
-    }
-    let model = wf
-        .models
-        .get(&decl.model)
-        .ok_or_else(|| format!("model `{}` is not declared", decl.model))?;
+/// The tools named in an agent's `tools:`, with the schemas the model sees.
+pub fn agent_tools(
+    wf: &crate::workflow::Workflow,
+    names: &[String],
+) -> Result<Vec<(ToolSpec, AgentTool)>, String> {
     let mut tools = Vec::new();
-    for name in &decl.tools {
+    for name in names {
         match wf.tools.get(name) {
             Some(t) => tools.push((
                 script_spec(name, t.description.as_deref(), &t.params),
@@ -571,6 +577,22 @@ pub fn build_job(parts: JobParts) -> Result<AgentJob, String> {
             }
         }
     }
+    Ok(tools)
+}
+
+/// Renders the agent's system prompt and collects its tools and model settings.
+pub fn build_job(parts: JobParts) -> Result<AgentJob, String> {
+    use crate::workflow::PromptRef;
+    let wf = parts.workflow;
+    let decl = wf
+        .agents
+        .get(parts.agent)
+        .ok_or_else(|| format!("unknown agent `{}`", parts.agent))?;
+    let model = wf
+        .models
+        .get(&decl.model)
+        .ok_or_else(|| format!("model `{}` is not declared", decl.model))?;
+    let tools = agent_tools(wf, &decl.tools)?;
     let env = crate::prompt::environment(Some(&wf.dir));
     let base = serde_json::json!({ "inputs": parts.inputs, "run": parts.run, "memory": [] });
     let render = |text: &str| crate::prompt::render(&env, text, &base).map_err(|e| e.to_string());
@@ -617,6 +639,7 @@ pub fn build_job(parts: JobParts) -> Result<AgentJob, String> {
         task: parts.task.to_string(),
         run_id: parts.run_id.to_string(),
         journal: parts.journal,
+        workflow_dir: wf.dir.clone(),
         model: model.model.clone().unwrap_or_default(),
         temperature: settings.get("temperature").and_then(Json::as_f64),
         max_tokens: settings
@@ -801,6 +824,81 @@ fn scratch(env: &ToolEnv, name: &str, args: &Json) -> Result<Json, String> {
             .scratch_get(&env.run_id, &env.task, key)
             .map_err(|e| e.to_string())?
             .unwrap_or(Json::Null))
+    }
+}
+
+/// The host side of a script's `ctx`: tools through [`invoke`], the scratchpad and logs in the
+/// journal, templates from the workflow's directory.
+pub fn script_context(
+    env: &ToolEnv,
+    provider: Option<Arc<dyn Provider>>,
+    model: String,
+    agent: String,
+    task: Json,
+    tools: Vec<ToolSpec>,
+) -> crate::scripting::lua_api::ScriptContext {
+    // Without a declared tool list a script may use the built-in file tools.
+    let mut env = env.clone();
+    if tools.is_empty() {
+        env.tools = tools::builtins()
+            .iter()
+            .map(|b| (b.name.to_string(), AgentTool::Builtin))
+            .collect();
+    }
+    let specs: Vec<ToolSpec> = if tools.is_empty() {
+        env.tools.keys().filter_map(|n| builtin_spec(n)).collect()
+    } else {
+        tools
+    };
+    let env = Arc::new(env);
+    let call_env = env.clone();
+    let (get_env, set_env, log_env) = (env.clone(), env.clone(), env.clone());
+    let dir = env.workflow_dir.clone();
+    crate::scripting::lua_api::ScriptContext {
+        task,
+        provider,
+        model,
+        agent,
+        call_tool: Arc::new(move |name, args| {
+            let env = call_env.clone();
+            Box::pin(async move { invoke(&env, &name, &args).await })
+        }),
+        tools: specs,
+        scratch_get: Arc::new(move |key| {
+            let j = get_env
+                .journal
+                .lock()
+                .map_err(|_| "journal unusable".to_string())?;
+            j.scratch_get(&get_env.run_id, &get_env.task, key)
+                .map_err(|e| e.to_string())
+        }),
+        scratch_set: Arc::new(move |key, value| {
+            let j = set_env
+                .journal
+                .lock()
+                .map_err(|_| "journal unusable".to_string())?;
+            j.scratch_set(&set_env.run_id, &set_env.task, key, value)
+                .map_err(|e| e.to_string())
+        }),
+        render: Arc::new(move |template, vars| {
+            let templates = crate::prompt::environment(Some(&dir));
+            let path = dir.join(template);
+            if !template.contains('\n') && path.is_file() {
+                let name = template.replace('\\', "/");
+                templates
+                    .get_template(&name)
+                    .and_then(|t| t.render(vars))
+                    .map_err(|e| format!("{template}: {e}"))
+            } else {
+                crate::prompt::render(&templates, template, vars).map_err(|e| e.to_string())
+            }
+        }),
+        log: Arc::new(move |text| {
+            if let Ok(j) = log_env.journal.lock() {
+                let _ = j.append_log(&log_env.run_id, &log_env.task, 1, "log", text);
+            }
+        }),
+        usage: Arc::new(std::sync::Mutex::new(Usage::default())),
     }
 }
 

@@ -1034,12 +1034,19 @@ impl Executor<'_> {
                 if let (Some(decl), Json::Object(given)) = (decl, &mut args) {
                     apply_param_defaults(tool, &decl.params, given)?;
                 }
-                let custom = decl.map(|t| t.script.clone());
-                Work::Tool {
-                    name: tool.clone(),
-                    args,
-                    workspace: self.workspace.clone(),
-                    script: custom,
+                match decl {
+                    // A declared tool runs like an agent's tool call (Lua tools get `ctx`).
+                    Some(_) => Work::CustomTool {
+                        env: self.tool_env(&m.nodes[n].key, std::slice::from_ref(tool))?,
+                        name: tool.clone(),
+                        args,
+                    },
+                    None => Work::Tool {
+                        name: tool.clone(),
+                        args,
+                        workspace: self.workspace.clone(),
+                        script: None,
+                    },
                 }
             }
             TaskKind::Workflow { path, with } => {
@@ -1061,6 +1068,21 @@ impl Executor<'_> {
                         ..self.opts.clone()
                     },
                 }
+            }
+            TaskKind::Agent {
+                agent,
+                prompt,
+                decompose,
+                token_budget,
+            } if self
+                .wf
+                .agents
+                .get(agent)
+                .is_some_and(|a| a.script.is_some()) =>
+            {
+                let _ = (decompose, token_budget);
+                let prompt = render("`prompt`", prompt)?;
+                self.script_agent(m, n, agent, prompt)?
             }
             TaskKind::Agent {
                 agent,
@@ -1253,6 +1275,84 @@ impl Executor<'_> {
         let mut event = self.finished_event(m, n, Status::Succeeded, output, None, None);
         with_usage(&mut event, usage);
         self.record(event)
+    }
+
+    /// What tools called for this task can reach.
+    fn tool_env(&self, key: &str, tools: &[String]) -> Result<crate::agents::ToolEnv, String> {
+        Ok(crate::agents::ToolEnv {
+            workspace: self.workspace.clone(),
+            workflow_dir: self.wf.dir.clone(),
+            journal: self.agent_journal()?,
+            run_id: self.run_id.clone(),
+            task: key.to_string(),
+            http_allow: self.wf.http_allow.clone(),
+            tools: crate::agents::agent_tools(&self.wf, tools)?
+                .into_iter()
+                .map(|(s, t)| (s.name, t))
+                .collect(),
+        })
+    }
+
+    /// A Lua agent (`agents.<name>.script`): its `run(task, ctx)` with the host API.
+    fn script_agent(
+        &self,
+        m: &Machine,
+        n: NodeId,
+        agent: &str,
+        prompt: String,
+    ) -> Result<Work, String> {
+        let decl = self
+            .wf
+            .agents
+            .get(agent)
+            .ok_or_else(|| format!("unknown agent `{agent}`"))?;
+        let path = decl.script.clone().unwrap_or_default();
+        let code = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let source = crate::scripting::ScriptSource {
+            lang: crate::scripting::Lang::Lua,
+            code,
+            name: path.display().to_string(),
+            first_line: 1,
+        };
+        let key = m.nodes[n].key.clone();
+        let node_decl = m.nodes[n].decl;
+        let needs: serde_json::Map<String, Json> = script_tasks(&self.wf, &self.results, node_decl)
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(k, v)| (k.clone(), v["output"].clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let task = serde_json::json!({
+            "id": key,
+            "prompt": prompt,
+            "item": m.nodes[n].item,
+            "inputs": self.inputs,
+            "needs": needs,
+        });
+        let (provider, model) = match self.wf.models.get(&decl.model) {
+            Some(model) => (
+                Some(self.provider(&decl.model)?),
+                model.model.clone().unwrap_or_default(),
+            ),
+            None => (None, String::new()),
+        };
+        let env = self.tool_env(&key, &decl.tools)?;
+        let specs = crate::agents::agent_tools(&self.wf, &decl.tools)?
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        let cx =
+            crate::agents::script_context(&env, provider, model, agent.to_string(), task, specs);
+        let limits = crate::scripting::Limits {
+            deadline: self.wf.tasks[node_decl]
+                .timeout
+                .map(|t| std::time::Instant::now() + t),
+            ..crate::scripting::Limits::default()
+        };
+        Ok(Work::ScriptAgent(Box::new((source, cx, limits))))
     }
 
     fn agent_journal(&self) -> Result<crate::agents::SharedJournal, String> {

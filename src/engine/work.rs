@@ -43,6 +43,20 @@ pub enum Work {
         opts: ExecOptions,
     },
     Agent(Box<crate::agents::AgentJob>),
+    /// A Lua agent: its source, its `ctx`, its limits.
+    ScriptAgent(
+        Box<(
+            ScriptSource,
+            crate::scripting::lua_api::ScriptContext,
+            Limits,
+        )>,
+    ),
+    /// A workflow-declared (script) tool called by a `tool:` task.
+    CustomTool {
+        env: crate::agents::ToolEnv,
+        name: String,
+        args: Json,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -104,6 +118,33 @@ pub async fn perform(work: Work, cancel: Arc<AtomicBool>) -> Finished {
             parent,
             opts,
         } => Finished::of(run_child(path, inputs, run_id, parent, opts).await),
+        Work::ScriptAgent(job) => {
+            let (source, cx, mut limits) = *job;
+            limits.cancel = cancel;
+            let usage = cx.usage.clone();
+            let result = crate::scripting::lua_api::run_agent(&source, cx, &limits).await;
+            let usage = usage.lock().map(|u| *u).ok().filter(|u| u.total() > 0);
+            Finished {
+                result: result.map_err(|e| WorkError {
+                    class: if e.kind == ScriptErrorKind::Timeout {
+                        ErrorClass::Timeout
+                    } else {
+                        ErrorClass::Script
+                    },
+                    message: e.to_string(),
+                }),
+                logs: Vec::new(),
+                usage,
+            }
+        }
+        Work::CustomTool { env, name, args } => Finished::of(
+            crate::agents::invoke(&env, &name, &args)
+                .await
+                .map_err(|message| WorkError {
+                    class: ErrorClass::Tool,
+                    message,
+                }),
+        ),
         Work::Agent(job) => match crate::agents::run(*job).await {
             Ok(outcome) => Finished {
                 result: Ok(outcome.output),

@@ -822,12 +822,22 @@ impl<'a> Cx<'a> {
                 n.to_json()
             });
             if let Some(script) = script {
+                // A Lua tool declares itself (`helix.tool{description, params}`); the YAML
+                // may override either.
+                let loaded = f
+                    .get("script")
+                    .and_then(|n| self.lua_kind(&script, n.pos, "tool"));
+                let description =
+                    description.or_else(|| loaded.as_ref().map(|l| l.description.clone()));
+                let params = params
+                    .or_else(|| loaded.map(|l| l.params))
+                    .unwrap_or(Json::Null);
                 out.insert(
                     name,
                     ToolDecl {
                         script,
                         description,
-                        params: params.unwrap_or(Json::Null),
+                        params,
                     },
                 );
             }
@@ -865,6 +875,56 @@ impl<'a> Cx<'a> {
                     format!("script `{file}` {}", io_problem(&e)),
                 )
                 .help = Some(format!("paths are relative to {}", self.dir.display()));
+                None
+            }
+        }
+    }
+
+    /// Loads a Lua script (sandboxed) to check it returns `helix.agent{}` or `helix.tool{}`.
+    fn lua_kind(
+        &mut self,
+        path: &Path,
+        pos: Pos,
+        want: &str,
+    ) -> Option<scripting::lua_api::Loaded> {
+        if Lang::from_path(path) != Some(Lang::Lua) {
+            return None;
+        }
+        let code = std::fs::read_to_string(path).ok()?;
+        let source = ScriptSource {
+            lang: Lang::Lua,
+            code,
+            name: path.display().to_string(),
+            first_line: 1,
+        };
+        match scripting::lua_api::inspect(&source) {
+            Ok(loaded) => {
+                let is = match loaded.kind {
+                    scripting::lua_api::Kind::Agent => "agent",
+                    scripting::lua_api::Kind::Tool => "tool",
+                };
+                if is != want {
+                    self.err(
+                        Code::InvalidValue,
+                        pos,
+                        format!(
+                            "`{}` defines {} (helix.{is}{{…}}), but it is used as {}",
+                            path.display(),
+                            article(is),
+                            article(want)
+                        ),
+                    );
+                    return None;
+                }
+                Some(loaded)
+            }
+            Err(e) if e.kind == scripting::ScriptErrorKind::Syntax => None, // reported by check_script
+            Err(e) => {
+                self.err(
+                    Code::ScriptSyntax,
+                    pos,
+                    format!("script cannot be loaded: {e}"),
+                );
                 None
             }
         }
@@ -929,6 +989,17 @@ impl<'a> Cx<'a> {
             }
             let prompt = f.get("prompt").and_then(|n| self.prompt_ref(n));
             let script = f.get("script").and_then(|n| self.script_file(n, &what));
+            if let (Some(path), Some(n)) = (&script, f.get("script")) {
+                if Lang::from_path(path) != Some(Lang::Lua) {
+                    self.err(
+                        Code::InvalidValue,
+                        n.pos,
+                        format!("{what}: custom agents are written in Lua (.lua)"),
+                    );
+                } else {
+                    self.lua_kind(path, n.pos, "agent");
+                }
+            }
             let model_node = f.get("model");
             let model = model_node
                 .and_then(|n| self.string(n, "`model`"))
@@ -2082,6 +2153,13 @@ fn token_width(source: &str, pos: Pos) -> usize {
         }
     };
     width.clamp(1, 80)
+}
+
+fn article(kind: &str) -> String {
+    match kind {
+        "agent" => "an agent".into(),
+        other => format!("a {other}"),
+    }
 }
 
 /// "not found" reads better than "No such file or directory (os error 2)".
