@@ -191,3 +191,25 @@ fn a_lua_script_used_as_the_wrong_kind_is_a_validation_error() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("defines an agent"), "{}", text(&out));
 }
+
+#[test]
+fn rhai_scripts_call_tools_and_keep_a_scratchpad() {
+    let p = Project::new();
+    p.file(
+        "tools/wc.rhai",
+        "let file = tool(\"fs.read\", #{ path: args.path });\nlet n = file.content.split(\"\\n\").len();\nscratch_set(\"last\", args.path);\nlog(`counted ${args.path}`);\n#{ lines: n, last: scratch_get(\"last\") }\n",
+    );
+    let w = p.file(
+        "w.yaml",
+        "helix: 1\nname: rhai-host\ntools:\n  wc:\n    script: tools/wc.rhai\n    params: { path: { type: string } }\ntasks:\n  write:\n    tool: fs.write\n    with: { path: notes.txt, content: \"a\\nb\\nc\" }\n  count:\n    needs: [write]\n    tool: wc\n    with: { path: notes.txt }\n  inline:\n    needs: [write]\n    script: |\n      let listing = tool(\"fs.list\", #{});\n      listing.entries.len()\n",
+    );
+    let out = p.run(&["apply", &w.to_string_lossy(), "--output", "plain"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(
+        p.task("count").output,
+        Some(json!({ "lines": 3, "last": "notes.txt" }))
+    );
+    assert_eq!(p.task("inline").output, Some(json!(1)));
+    let logs = p.run(&["runs", "logs", "latest"]);
+    assert!(text(&logs).contains("counted notes.txt"), "{}", text(&logs));
+}

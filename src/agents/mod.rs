@@ -523,8 +523,9 @@ async fn run_script_tool(
     let mut globals = serde_json::Map::new();
     globals.insert("args".into(), Json::Object(given));
     let limits = crate::scripting::Limits::default();
+    let host = rhai_host(&builtin_env(_env));
     tokio::task::spawn_blocking(move || {
-        crate::scripting::run_on_current_thread(&source, &globals, &limits)
+        crate::scripting::run_rhai_with_host(&source, &globals, &limits, &host)
     })
     .await
     .map_err(|e| format!("tool failed: {e}"))?
@@ -899,6 +900,51 @@ pub fn script_context(
             }
         }),
         usage: Arc::new(std::sync::Mutex::new(Usage::default())),
+    }
+}
+
+/// The environment with only the built-in file tools (what scripted tools may call).
+pub fn builtin_env(env: &ToolEnv) -> ToolEnv {
+    let mut env = env.clone();
+    env.tools = tools::builtins()
+        .iter()
+        .map(|b| (b.name.to_string(), AgentTool::Builtin))
+        .collect();
+    env
+}
+
+/// Rhai's host functions over a tool environment. Rhai runs on a blocking thread, so async
+/// tool calls are driven to completion on the runtime from there.
+pub fn rhai_host(env: &ToolEnv) -> crate::scripting::Host {
+    let env = Arc::new(env.clone());
+    let handle = tokio::runtime::Handle::try_current().ok();
+    let (call_env, get_env, set_env, log_env) = (env.clone(), env.clone(), env.clone(), env);
+    crate::scripting::Host {
+        call_tool: Arc::new(move |name, args| match &handle {
+            Some(handle) => handle.block_on(invoke(&call_env, name, &args)),
+            None => Err("tools need the engine's runtime".into()),
+        }),
+        scratch_get: Arc::new(move |key| {
+            let j = get_env
+                .journal
+                .lock()
+                .map_err(|_| "journal unusable".to_string())?;
+            j.scratch_get(&get_env.run_id, &get_env.task, key)
+                .map_err(|e| e.to_string())
+        }),
+        scratch_set: Arc::new(move |key, value| {
+            let j = set_env
+                .journal
+                .lock()
+                .map_err(|_| "journal unusable".to_string())?;
+            j.scratch_set(&set_env.run_id, &set_env.task, key, value)
+                .map_err(|e| e.to_string())
+        }),
+        log: Arc::new(move |text| {
+            if let Ok(j) = log_env.journal.lock() {
+                let _ = j.append_log(&log_env.run_id, &log_env.task, 1, "log", text);
+            }
+        }),
     }
 }
 

@@ -1021,10 +1021,18 @@ impl Executor<'_> {
                 if let Some(item) = &m.nodes[n].item {
                     globals.insert("item".into(), item.clone());
                 }
+                // Rhai scripts may call the built-in tools and use the task's scratchpad.
+                let host = match source.lang {
+                    crate::scripting::Lang::Rhai => Some(crate::agents::rhai_host(
+                        &crate::agents::builtin_env(&self.tool_env(&m.nodes[n].key, &[])?),
+                    )),
+                    crate::scripting::Lang::Lua => None,
+                };
                 Work::Script {
                     source: source.clone(),
                     globals,
                     timeout: decl.timeout,
+                    host,
                 }
             }
             TaskKind::Tool { tool, with } => {

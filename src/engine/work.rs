@@ -28,6 +28,8 @@ pub enum Work {
         source: ScriptSource,
         globals: serde_json::Map<String, Json>,
         timeout: Option<Duration>,
+        /// Rhai's host functions (tools, scratchpad, log).
+        host: Option<crate::scripting::Host>,
     },
     Tool {
         name: String,
@@ -104,7 +106,8 @@ pub async fn perform(work: Work, cancel: Arc<AtomicBool>) -> Finished {
             source,
             globals,
             timeout,
-        } => Finished::of(run_script(source, globals, timeout, cancel).await),
+            host,
+        } => Finished::of(run_script(source, globals, timeout, cancel, host).await),
         Work::Tool {
             name,
             args,
@@ -235,14 +238,16 @@ async fn run_script(
     globals: serde_json::Map<String, Json>,
     timeout: Option<Duration>,
     cancel: Arc<AtomicBool>,
+    host: Option<scripting::Host>,
 ) -> Result<Json, WorkError> {
     let limits = Limits {
         deadline: timeout.map(|t| Instant::now() + t),
         cancel,
         ..Limits::default()
     };
-    let joined = tokio::task::spawn_blocking(move || {
-        scripting::run_on_current_thread(&source, &globals, &limits)
+    let joined = tokio::task::spawn_blocking(move || match &host {
+        Some(host) => scripting::run_rhai_with_host(&source, &globals, &limits, host),
+        None => scripting::run_on_current_thread(&source, &globals, &limits),
     })
     .await;
     match joined {
@@ -293,7 +298,7 @@ async fn run_tool(
         };
         let mut globals = serde_json::Map::new();
         globals.insert("args".into(), args);
-        return run_script(source, globals, None, cancel)
+        return run_script(source, globals, None, cancel, None)
             .await
             .map_err(|e| tool_error(format!("tool `{name}`: {}", e.message)));
     }

@@ -197,6 +197,35 @@ pub fn run_on_current_thread(
     })
 }
 
+/// Host functions for Rhai: synchronous, because Rhai runs on a blocking thread.
+pub type HostToolCall = Arc<dyn Fn(&str, Json) -> Result<Json, String> + Send + Sync>;
+pub type HostScratchGet = Arc<dyn Fn(&str) -> Result<Option<Json>, String> + Send + Sync>;
+pub type HostScratchSet = Arc<dyn Fn(&str, &Json) -> Result<(), String> + Send + Sync>;
+pub type HostLog = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// What a Rhai script may call on the host (Rhai runs synchronously, on a blocking thread).
+#[derive(Clone)]
+pub struct Host {
+    pub call_tool: HostToolCall,
+    pub scratch_get: HostScratchGet,
+    pub scratch_set: HostScratchSet,
+    pub log: HostLog,
+}
+
+/// Runs a Rhai script with the host functions `tool`, `scratch_get`, `scratch_set`, `log`;
+/// other languages ignore the host. Call it from `spawn_blocking`, on a large stack.
+pub fn run_rhai_with_host(
+    src: &ScriptSource,
+    globals: &Map<String, Json>,
+    limits: &Limits,
+    host: &Host,
+) -> Result<Json, ScriptError> {
+    without_panics(src, || match src.lang {
+        Lang::Lua => lua::run(src, globals, limits),
+        Lang::Rhai => self::rhai::run_with_host(src, globals, limits, Some(host)),
+    })
+}
+
 /// A panic inside an engine becomes an error instead of taking the caller down.
 fn without_panics<T>(
     src: &ScriptSource,

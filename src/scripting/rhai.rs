@@ -87,7 +87,21 @@ pub(super) fn run(
     globals: &Map<String, Json>,
     limits: &Limits,
 ) -> Result<Json, ScriptError> {
-    let engine = engine(limits);
+    run_with_host(src, globals, limits, None)
+}
+
+/// Like `run`, with the host functions `tool(name, args)`, `scratch_get(key)`,
+/// `scratch_set(key, value)` and `log(text)` when a host is given.
+pub(super) fn run_with_host(
+    src: &ScriptSource,
+    globals: &Map<String, Json>,
+    limits: &Limits,
+    host: Option<&super::Host>,
+) -> Result<Json, ScriptError> {
+    let mut engine = engine(limits);
+    if let Some(host) = host {
+        register_host(&mut engine, host);
+    }
     let ast = engine
         .compile(&src.code)
         .map_err(|e| parse_error(src, &e))?;
@@ -100,6 +114,39 @@ pub(super) fn run(
         .map_err(|e| eval_error(src, limits, *e))?;
     rhai_to_json(&returned, 0)
         .map_err(|message| ScriptError::new(src, None, ScriptErrorKind::Value, message))
+}
+
+/// Host calls fail as Rhai runtime errors carrying the host's message.
+fn register_host(engine: &mut Engine, host: &super::Host) {
+    let to_rhai_err = |message: String| -> Box<EvalAltResult> { message.into() };
+    let call_tool = host.call_tool.clone();
+    engine.register_fn(
+        "tool",
+        move |name: &str, args: rhai::Map| -> Result<Dynamic, Box<EvalAltResult>> {
+            let args = rhai_to_json(&Dynamic::from_map(args), 0).map_err(to_rhai_err)?;
+            let result = call_tool(name, args).map_err(|e| to_rhai_err(format!("{name}: {e}")))?;
+            Ok(json_to_rhai(&result))
+        },
+    );
+    let get = host.scratch_get.clone();
+    engine.register_fn(
+        "scratch_get",
+        move |key: &str| -> Result<Dynamic, Box<EvalAltResult>> {
+            Ok(get(key)
+                .map_err(to_rhai_err)?
+                .map_or(Dynamic::UNIT, |v| json_to_rhai(&v)))
+        },
+    );
+    let set = host.scratch_set.clone();
+    engine.register_fn(
+        "scratch_set",
+        move |key: &str, value: Dynamic| -> Result<(), Box<EvalAltResult>> {
+            let value = rhai_to_json(&value, 0).map_err(to_rhai_err)?;
+            set(key, &value).map_err(to_rhai_err)
+        },
+    );
+    let log = host.log.clone();
+    engine.register_fn("log", move |text: &str| log(text));
 }
 
 fn line_of(src: &ScriptSource, position: Position) -> Option<u32> {
