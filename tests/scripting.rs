@@ -213,3 +213,68 @@ fn rhai_scripts_call_tools_and_keep_a_scratchpad() {
     let logs = p.run(&["runs", "logs", "latest"]);
     assert!(text(&logs).contains("counted notes.txt"), "{}", text(&logs));
 }
+
+fn completion(content: &str) -> llm_support::Response {
+    llm_support::Response::json(
+        200,
+        json!({ "id": "c", "object": "chat.completion", "model": "m",
+                "choices": [{ "index": 0, "message": { "role": "assistant", "content": content }, "finish_reason": "stop" }],
+                "usage": { "prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6 } }),
+    )
+}
+
+#[test]
+fn a_resumed_lua_agent_does_not_ask_the_model_again_for_calls_it_made() {
+    let server = llm_support::Server::start([
+        completion("first"),
+        llm_support::Response::slow(Duration::from_secs(30), completion("lost")),
+        completion("second"),
+    ]);
+    let p = Project::new();
+    p.file(
+        "scripts/two.lua",
+        r#"return helix.agent {
+  description = "Two model calls in a row",
+  run = function(task, ctx)
+    local a = ctx.llm:chat { messages = { { role = "user", content = "one" } } }
+    local b = ctx.llm:chat { messages = { { role = "user", content = "two" } } }
+    return a.content .. "+" .. b.content
+  end,
+}
+"#,
+    );
+    let w = p.file(
+        "w.yaml",
+        &format!(
+            "helix: 1\nname: two\nmodels:\n  default: {{ provider: openai, model: m, base_url: \"{}/v1\", api_key_env: HELIX_TEST_KEY, timeout: 60s }}\nagents:\n  twice: {{ script: scripts/two.lua }}\ntasks:\n  go:\n    agent: twice\n    prompt: Go\n",
+            server.url()
+        ),
+    );
+    let mut child = p
+        .command(&["apply", &w.to_string_lossy(), "--output", "plain"])
+        .env("HELIX_TEST_KEY", "k")
+        .spawn()
+        .expect("spawn");
+    let t0 = Instant::now();
+    while server.requests().len() < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the second call never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let out = p
+        .command(&["resume", "latest", "--output", "plain"])
+        .env("HELIX_TEST_KEY", "k")
+        .output()
+        .expect("resume");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(p.task("go").output, Some(json!("first+second")));
+    assert_eq!(
+        server.requests().len(),
+        3,
+        "the first call came from the journal"
+    );
+}

@@ -903,6 +903,66 @@ pub fn script_context(
     }
 }
 
+/// A Lua agent's model calls, journaled like an LLM agent's turns: a resumed script gets
+/// the replies of calls it had already made (by call number) without asking the model again.
+pub struct JournaledProvider {
+    pub inner: Arc<dyn Provider>,
+    pub journal: SharedJournal,
+    pub run_id: String,
+    pub task: String,
+    pub secrets: Vec<String>,
+}
+
+impl Provider for JournaledProvider {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn chat<'a>(
+        &'a self,
+        request: &'a crate::llm::ChatRequest,
+        on_token: Option<&'a (dyn Fn(&str) + Send + Sync)>,
+    ) -> crate::llm::BoxFuture<'a, Result<crate::llm::ChatResponse, crate::llm::LlmError>> {
+        Box::pin(async move {
+            let journal_error = |e: String| crate::llm::LlmError::Scripted(format!("journal: {e}"));
+            let earlier = {
+                let j = self
+                    .journal
+                    .lock()
+                    .map_err(|_| journal_error("unusable".into()))?;
+                j.turns(&self.run_id, &self.task)
+                    .map_err(|e| journal_error(e.to_string()))?
+            };
+            if let Some((stored, _, _)) = earlier.get(request.turn.saturating_sub(1) as usize) {
+                if let Ok(reply) =
+                    serde_json::from_value::<crate::llm::ChatResponse>(stored["reply"].clone())
+                {
+                    return Ok(reply);
+                }
+            }
+            let reply = self.inner.chat(request, on_token).await?;
+            let mut text = serde_json::json!({ "reply": reply }).to_string();
+            for secret in &self.secrets {
+                text = text.replace(secret.as_str(), "***");
+            }
+            let stored: Json = serde_json::from_str(&text).unwrap_or(Json::Null);
+            let j = self
+                .journal
+                .lock()
+                .map_err(|_| journal_error("unusable".into()))?;
+            j.append_turn(
+                &self.run_id,
+                &self.task,
+                request.turn,
+                &stored,
+                (reply.usage.input_tokens, reply.usage.output_tokens),
+            )
+            .map_err(|e| journal_error(e.to_string()))?;
+            Ok(reply)
+        })
+    }
+}
+
 /// The environment with only the built-in file tools (what scripted tools may call).
 pub fn builtin_env(env: &ToolEnv) -> ToolEnv {
     let mut env = env.clone();

@@ -1340,9 +1340,23 @@ impl Executor<'_> {
             "inputs": self.inputs,
             "needs": needs,
         });
+        let journal = self.agent_journal()?;
+        if m.nodes[n].attempt > 1 || self.rerun.contains(&key) {
+            // A new attempt after a failure asks the model afresh.
+            if let Ok(j) = journal.lock() {
+                j.clear_turns(&self.run_id, &key)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
         let (provider, model) = match self.wf.models.get(&decl.model) {
             Some(model) => (
-                Some(self.provider(&decl.model)?),
+                Some(Arc::new(crate::agents::JournaledProvider {
+                    inner: self.provider(&decl.model)?,
+                    journal,
+                    run_id: self.run_id.clone(),
+                    task: key.clone(),
+                    secrets: self.secrets.clone(),
+                }) as Arc<dyn crate::llm::Provider>),
                 model.model.clone().unwrap_or_default(),
             ),
             None => (None, String::new()),
