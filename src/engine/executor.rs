@@ -1438,6 +1438,16 @@ impl Executor<'_> {
         let TaskKind::Agent { agent, .. } = kind else {
             return;
         };
+        if self
+            .wf
+            .agents
+            .get(agent)
+            .is_some_and(|a| a.script.is_some())
+        {
+            // LLM agents count their tokens as they go; scripts report them at the end.
+            self.run_tokens
+                .fetch_add(usage.total(), std::sync::atomic::Ordering::Relaxed);
+        }
         let price = self
             .wf
             .agents

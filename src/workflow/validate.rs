@@ -1004,7 +1004,8 @@ impl<'a> Cx<'a> {
             let model = model_node
                 .and_then(|n| self.string(n, "`model`"))
                 .unwrap_or_else(|| "default".into());
-            if script.is_none() && !models.contains_key(&model) {
+            // A scripted agent needs a model only if it names one (for `ctx.llm`).
+            if (script.is_none() || model_node.is_some()) && !models.contains_key(&model) {
                 let pos = model_node.map(|n| n.pos).unwrap_or(value.pos);
                 let suggestion = did_you_mean(&model, models.keys().map(String::as_str));
                 let d = self.err(
@@ -1532,6 +1533,15 @@ impl<'a> Cx<'a> {
             .get("decompose")
             .and_then(|n| self.bool(n, "`decompose`"))
             .unwrap_or(false);
+        if decompose && w.agents.get(&agent).is_some_and(|a| a.script.is_some()) {
+            if let Some(k) = f.key_node("decompose") {
+                self.err(
+                    Code::InvalidValue,
+                    k.pos,
+                    format!("`decompose` needs an LLM agent; `{agent}` is a script"),
+                );
+            }
+        }
         if decompose && has_item {
             if let Some(k) = f.key_node("decompose") {
                 self.err(
