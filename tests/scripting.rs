@@ -278,3 +278,23 @@ fn a_resumed_lua_agent_does_not_ask_the_model_again_for_calls_it_made() {
         "the first call came from the journal"
     );
 }
+
+#[test]
+fn rhai_scripts_render_templates_and_chat_with_the_default_model() {
+    let p = Project::new();
+    p.file(
+        "replies.yaml",
+        "replies:\n  - agent: script\n    content: '{\"verdict\": \"ship\"}'\n",
+    );
+    p.file("greeting.j2", "Hello {{ who }}!");
+    let w = p.file(
+        "w.yaml",
+        "helix: 1\nname: rhai-llm\nmodels:\n  default: { provider: scripted, file: replies.yaml }\ntasks:\n  decide:\n    script: |\n      let hello = render(\"greeting.j2\", #{ who: \"team\" });\n      let reply = llm_chat(#{ messages: [#{ role: \"user\", content: hello }], json: true });\n      #{ hello: hello, verdict: reply.json.verdict }\n",
+    );
+    let out = p.run(&["apply", &w.to_string_lossy(), "--output", "plain"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(
+        p.task("decide").output,
+        Some(json!({ "hello": "Hello team!", "verdict": "ship" }))
+    );
+}

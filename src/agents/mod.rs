@@ -523,7 +523,7 @@ async fn run_script_tool(
     let mut globals = serde_json::Map::new();
     globals.insert("args".into(), Json::Object(given));
     let limits = crate::scripting::Limits::default();
-    let host = rhai_host(&builtin_env(_env));
+    let host = rhai_host(&builtin_env(_env), None);
     tokio::task::spawn_blocking(move || {
         crate::scripting::run_rhai_with_host(&source, &globals, &limits, &host)
     })
@@ -881,25 +881,27 @@ pub fn script_context(
             j.scratch_set(&set_env.run_id, &set_env.task, key, value)
                 .map_err(|e| e.to_string())
         }),
-        render: Arc::new(move |template, vars| {
-            let templates = crate::prompt::environment(Some(&dir));
-            let path = dir.join(template);
-            if !template.contains('\n') && path.is_file() {
-                let name = template.replace('\\', "/");
-                templates
-                    .get_template(&name)
-                    .and_then(|t| t.render(vars))
-                    .map_err(|e| format!("{template}: {e}"))
-            } else {
-                crate::prompt::render(&templates, template, vars).map_err(|e| e.to_string())
-            }
-        }),
+        render: Arc::new(move |template, vars| render_for_script(&dir, template, vars)),
         log: Arc::new(move |text| {
             if let Ok(j) = log_env.journal.lock() {
                 let _ = j.append_log(&log_env.run_id, &log_env.task, 1, "log", text);
             }
         }),
         usage: Arc::new(std::sync::Mutex::new(Usage::default())),
+    }
+}
+
+/// `ctx:render` / Rhai's `render`: a template file below the workflow's directory, or text.
+fn render_for_script(dir: &std::path::Path, template: &str, vars: &Json) -> Result<String, String> {
+    let templates = crate::prompt::environment(Some(dir));
+    if !template.contains('\n') && dir.join(template).is_file() {
+        let name = template.replace('\\', "/");
+        templates
+            .get_template(&name)
+            .and_then(|t| t.render(vars))
+            .map_err(|e| format!("{template}: {e}"))
+    } else {
+        crate::prompt::render(&templates, template, vars).map_err(|e| e.to_string())
     }
 }
 
@@ -975,9 +977,50 @@ pub fn builtin_env(env: &ToolEnv) -> ToolEnv {
 
 /// Rhai's host functions over a tool environment. Rhai runs on a blocking thread, so async
 /// tool calls are driven to completion on the runtime from there.
-pub fn rhai_host(env: &ToolEnv) -> crate::scripting::Host {
+pub fn rhai_host(
+    env: &ToolEnv,
+    model: Option<(Arc<dyn Provider>, String)>,
+) -> crate::scripting::Host {
     let env = Arc::new(env.clone());
     let handle = tokio::runtime::Handle::try_current().ok();
+    let dir = env.workflow_dir.clone();
+    let chat: Option<crate::scripting::HostChat> = match (model, handle.clone()) {
+        (Some((provider, model)), Some(handle)) => {
+            let task = env.task.clone();
+            let turn = Arc::new(std::sync::atomic::AtomicU32::new(0));
+            Some(Arc::new(move |request: Json| {
+                let messages = match request.get("messages") {
+                    Some(m) => serde_json::from_value::<Vec<Message>>(m.clone()).map_err(|e| {
+                        format!("llm_chat: `messages` must be [#{{role, content}}]: {e}")
+                    })?,
+                    None => Vec::new(),
+                };
+                let request = ChatRequest {
+                    model: model.clone(),
+                    system: request
+                        .get("system")
+                        .and_then(Json::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                    messages,
+                    json: request.get("json").and_then(Json::as_bool).unwrap_or(false),
+                    task: task.clone(),
+                    agent: "script".into(),
+                    turn: turn.fetch_add(1, Ordering::Relaxed) + 1,
+                    ..ChatRequest::default()
+                };
+                let reply = handle
+                    .block_on(provider.chat(&request, None))
+                    .map_err(|e| e.to_string())?;
+                Ok(serde_json::json!({
+                    "content": reply.content,
+                    "json": parse_json_answer(&reply.content).ok(),
+                    "usage": reply.usage,
+                }))
+            }))
+        }
+        _ => None,
+    };
     let (call_env, get_env, set_env, log_env) = (env.clone(), env.clone(), env.clone(), env);
     crate::scripting::Host {
         call_tool: Arc::new(move |name, args| match &handle {
@@ -1005,6 +1048,8 @@ pub fn rhai_host(env: &ToolEnv) -> crate::scripting::Host {
                 let _ = j.append_log(&log_env.run_id, &log_env.task, 1, "log", text);
             }
         }),
+        render: Arc::new(move |template, vars| render_for_script(&dir, template, vars)),
+        chat,
     }
 }
 

@@ -1023,9 +1023,21 @@ impl Executor<'_> {
                 }
                 // Rhai scripts may call the built-in tools and use the task's scratchpad.
                 let host = match source.lang {
-                    crate::scripting::Lang::Rhai => Some(crate::agents::rhai_host(
-                        &crate::agents::builtin_env(&self.tool_env(&m.nodes[n].key, &[])?),
-                    )),
+                    crate::scripting::Lang::Rhai => {
+                        // `llm_chat` uses the workflow's `default` model; only scripts that call it
+                        // need one (and its key).
+                        let model = match self.wf.models.get("default") {
+                            Some(d) if source.code.contains("llm_chat") => Some((
+                                self.provider("default")?,
+                                d.model.clone().unwrap_or_default(),
+                            )),
+                            _ => None,
+                        };
+                        Some(crate::agents::rhai_host(
+                            &crate::agents::builtin_env(&self.tool_env(&m.nodes[n].key, &[])?),
+                            model,
+                        ))
+                    }
                     crate::scripting::Lang::Lua => None,
                 };
                 Work::Script {

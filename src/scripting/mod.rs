@@ -202,6 +202,10 @@ pub type HostToolCall = Arc<dyn Fn(&str, Json) -> Result<Json, String> + Send + 
 pub type HostScratchGet = Arc<dyn Fn(&str) -> Result<Option<Json>, String> + Send + Sync>;
 pub type HostScratchSet = Arc<dyn Fn(&str, &Json) -> Result<(), String> + Send + Sync>;
 pub type HostLog = Arc<dyn Fn(&str) + Send + Sync>;
+/// Renders a template file (relative to the workflow) or template text with variables.
+pub type HostRender = Arc<dyn Fn(&str, &Json) -> Result<String, String> + Send + Sync>;
+/// One chat call: `{system, messages, json}` in, `{content, json, usage}` out.
+pub type HostChat = Arc<dyn Fn(Json) -> Result<Json, String> + Send + Sync>;
 
 /// What a Rhai script may call on the host (Rhai runs synchronously, on a blocking thread).
 #[derive(Clone)]
@@ -210,6 +214,9 @@ pub struct Host {
     pub scratch_get: HostScratchGet,
     pub scratch_set: HostScratchSet,
     pub log: HostLog,
+    pub render: HostRender,
+    /// The workflow's `default` model, when it declares one.
+    pub chat: Option<HostChat>,
 }
 
 /// Runs a Rhai script with the host functions `tool`, `scratch_get`, `scratch_set`, `log`;

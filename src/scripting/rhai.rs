@@ -147,6 +147,27 @@ fn register_host(engine: &mut Engine, host: &super::Host) {
     );
     let log = host.log.clone();
     engine.register_fn("log", move |text: &str| log(text));
+    let render = host.render.clone();
+    engine.register_fn(
+        "render",
+        move |template: &str, vars: rhai::Map| -> Result<String, Box<EvalAltResult>> {
+            let vars = rhai_to_json(&Dynamic::from_map(vars), 0).map_err(to_rhai_err)?;
+            render(template, &vars).map_err(to_rhai_err)
+        },
+    );
+    let chat = host.chat.clone();
+    engine.register_fn(
+        "llm_chat",
+        move |request: rhai::Map| -> Result<Dynamic, Box<EvalAltResult>> {
+            let Some(chat) = &chat else {
+                return Err(to_rhai_err(
+                    "llm_chat needs a `default` model under `models:`".into(),
+                ));
+            };
+            let request = rhai_to_json(&Dynamic::from_map(request), 0).map_err(to_rhai_err)?;
+            Ok(json_to_rhai(&chat(request).map_err(to_rhai_err)?))
+        },
+    );
 }
 
 fn line_of(src: &ScriptSource, position: Position) -> Option<u32> {
