@@ -440,6 +440,34 @@ impl ToolEnv {
     }
 }
 
+impl ToolEnv {
+    /// A value of this task's scratchpad.
+    pub fn scratch_get(&self, key: &str) -> Result<Option<Json>, String> {
+        let j = self
+            .journal
+            .lock()
+            .map_err(|_| "journal unusable".to_string())?;
+        j.scratch_get(&self.run_id, &self.task, key)
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn scratch_set(&self, key: &str, value: &Json) -> Result<(), String> {
+        let j = self
+            .journal
+            .lock()
+            .map_err(|_| "journal unusable".to_string())?;
+        j.scratch_set(&self.run_id, &self.task, key, value)
+            .map_err(|e| e.to_string())
+    }
+
+    /// A line in this task's log (`helix runs logs`).
+    pub fn log(&self, text: &str) {
+        if let Ok(j) = self.journal.lock() {
+            let _ = j.append_log(&self.run_id, &self.task, 1, "log", text);
+        }
+    }
+}
+
 /// Calls one tool and returns its result.
 pub async fn invoke(env: &ToolEnv, name: &str, args: &Json) -> Result<Json, String> {
     match env.tools.get(name) {
@@ -810,21 +838,12 @@ fn scratch(env: &ToolEnv, name: &str, args: &Json) -> Result<Json, String> {
         .get("key")
         .and_then(Json::as_str)
         .ok_or("`key` (a string) is required")?;
-    let journal = env
-        .journal
-        .lock()
-        .map_err(|_| "journal: the connection is unusable after a panic".to_string())?;
     if name == "scratch.set" {
         let value = args.get("value").cloned().unwrap_or(Json::Null);
-        journal
-            .scratch_set(&env.run_id, &env.task, key, &value)
-            .map_err(|e| e.to_string())?;
+        env.scratch_set(key, &value)?;
         Ok(serde_json::json!({ "stored": key }))
     } else {
-        Ok(journal
-            .scratch_get(&env.run_id, &env.task, key)
-            .map_err(|e| e.to_string())?
-            .unwrap_or(Json::Null))
+        Ok(env.scratch_get(key)?.unwrap_or(Json::Null))
     }
 }
 
@@ -865,28 +884,10 @@ pub fn script_context(
             Box::pin(async move { invoke(&env, &name, &args).await })
         }),
         tools: specs,
-        scratch_get: Arc::new(move |key| {
-            let j = get_env
-                .journal
-                .lock()
-                .map_err(|_| "journal unusable".to_string())?;
-            j.scratch_get(&get_env.run_id, &get_env.task, key)
-                .map_err(|e| e.to_string())
-        }),
-        scratch_set: Arc::new(move |key, value| {
-            let j = set_env
-                .journal
-                .lock()
-                .map_err(|_| "journal unusable".to_string())?;
-            j.scratch_set(&set_env.run_id, &set_env.task, key, value)
-                .map_err(|e| e.to_string())
-        }),
+        scratch_get: Arc::new(move |key| get_env.scratch_get(key)),
+        scratch_set: Arc::new(move |key, value| set_env.scratch_set(key, value)),
         render: Arc::new(move |template, vars| render_for_script(&dir, template, vars)),
-        log: Arc::new(move |text| {
-            if let Ok(j) = log_env.journal.lock() {
-                let _ = j.append_log(&log_env.run_id, &log_env.task, 1, "log", text);
-            }
-        }),
+        log: Arc::new(move |text| log_env.log(text)),
         usage: Arc::new(std::sync::Mutex::new(Usage::default())),
     }
 }
@@ -1027,27 +1028,9 @@ pub fn rhai_host(
             Some(handle) => handle.block_on(invoke(&call_env, name, &args)),
             None => Err("tools need the engine's runtime".into()),
         }),
-        scratch_get: Arc::new(move |key| {
-            let j = get_env
-                .journal
-                .lock()
-                .map_err(|_| "journal unusable".to_string())?;
-            j.scratch_get(&get_env.run_id, &get_env.task, key)
-                .map_err(|e| e.to_string())
-        }),
-        scratch_set: Arc::new(move |key, value| {
-            let j = set_env
-                .journal
-                .lock()
-                .map_err(|_| "journal unusable".to_string())?;
-            j.scratch_set(&set_env.run_id, &set_env.task, key, value)
-                .map_err(|e| e.to_string())
-        }),
-        log: Arc::new(move |text| {
-            if let Ok(j) = log_env.journal.lock() {
-                let _ = j.append_log(&log_env.run_id, &log_env.task, 1, "log", text);
-            }
-        }),
+        scratch_get: Arc::new(move |key| get_env.scratch_get(key)),
+        scratch_set: Arc::new(move |key, value| set_env.scratch_set(key, value)),
+        log: Arc::new(move |text| log_env.log(text)),
         render: Arc::new(move |template, vars| render_for_script(&dir, template, vars)),
         chat,
     }
