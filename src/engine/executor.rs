@@ -1065,7 +1065,6 @@ impl Executor<'_> {
                         name: tool.clone(),
                         args,
                         workspace: self.workspace.clone(),
-                        script: None,
                     },
                 }
             }

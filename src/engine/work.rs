@@ -9,7 +9,7 @@ use serde_json::Value as Json;
 
 use super::executor::{run_child, ExecOptions};
 use crate::sandbox::{ExecRequest, HostSandbox, Sandbox};
-use crate::scripting::{self, Lang, Limits, ScriptErrorKind, ScriptSource};
+use crate::scripting::{self, Limits, ScriptErrorKind, ScriptSource};
 use crate::tools::{self, ToolContext};
 use crate::workflow::units::human_duration;
 use crate::workflow::ErrorClass;
@@ -31,11 +31,11 @@ pub enum Work {
         /// Rhai's host functions (tools, scratchpad, log).
         host: Option<crate::scripting::Host>,
     },
+    /// A built-in tool.
     Tool {
         name: String,
         args: Json,
         workspace: PathBuf,
-        script: Option<PathBuf>,
     },
     Workflow {
         path: PathBuf,
@@ -69,7 +69,6 @@ pub struct WorkError {
 
 type Logs = Vec<(String, String)>;
 
-/// Runs one attempt; dropping the future stops the work (processes killed, scripts cancelled).
 /// What one attempt left: its result, captured output, and the LLM tokens it used.
 pub struct Finished {
     pub result: Result<Json, WorkError>,
@@ -112,8 +111,7 @@ pub async fn perform(work: Work, cancel: Arc<AtomicBool>) -> Finished {
             name,
             args,
             workspace,
-            script,
-        } => Finished::of(run_tool(name, args, workspace, script, cancel).await),
+        } => Finished::of(run_tool(name, args, workspace).await),
         Work::Workflow {
             path,
             inputs,
@@ -270,38 +268,12 @@ async fn run_script(
     }
 }
 
-async fn run_tool(
-    name: String,
-    args: Json,
-    workspace: PathBuf,
-    script: Option<PathBuf>,
-    cancel: Arc<AtomicBool>,
-) -> Result<Json, WorkError> {
+/// A built-in tool called by a `tool:` task (declared tools run as `CustomTool`).
+async fn run_tool(name: String, args: Json, workspace: PathBuf) -> Result<Json, WorkError> {
     let tool_error = |message: String| WorkError {
         class: ErrorClass::Tool,
         message,
     };
-    if let Some(path) = script {
-        // A custom tool: its script sees the arguments as `args`.
-        let code = std::fs::read_to_string(&path).map_err(|e| {
-            tool_error(format!(
-                "tool `{name}`: cannot read {}: {e}",
-                path.display()
-            ))
-        })?;
-        let lang = Lang::from_path(&path).unwrap_or(Lang::Rhai);
-        let source = ScriptSource {
-            lang,
-            code,
-            name: path.display().to_string(),
-            first_line: 1,
-        };
-        let mut globals = serde_json::Map::new();
-        globals.insert("args".into(), args);
-        return run_script(source, globals, None, cancel, None)
-            .await
-            .map_err(|e| tool_error(format!("tool `{name}`: {}", e.message)));
-    }
     let joined = tokio::task::spawn_blocking(move || {
         tools::call_builtin(&name, &args, &ToolContext { workspace })
     })
