@@ -13,14 +13,17 @@
 //!
 //! Results and the command that produced them are recorded in BENCHMARKS.md.
 
+mod support;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
+use support::Measured;
 
 const REPLY: &str = r#"{"id":"c","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":10,"completion_tokens":2,"total_tokens":12}}"#;
 
@@ -176,36 +179,14 @@ fn fan_out_workflow(addr: SocketAddr, width: usize) -> String {
         )
 }
 
-struct Measured {
-    wall: Duration,
-    max_rss_kib: i64,
-    status: i32,
-}
-
-/// Runs the binary and reads its peak RSS from `wait4`, which also reaps the child.
-#[allow(clippy::zombie_processes)]
+/// Runs the binary in `dir` with its own journal and the bench's API key.
 fn measure(args: &[&str], dir: &Path, home: &Path) -> Measured {
-    let t0 = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_helix"))
-        .args(args)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_helix"));
+    cmd.args(args)
         .current_dir(dir)
         .env("HELIX_HOME", home)
-        .env(KEY_ENV, "sk-bench")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn helix");
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value for wait4 to fill in.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waiting for our own child; both out-pointers are valid for writes.
-    unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
-    Measured {
-        wall: t0.elapsed(),
-        max_rss_kib: usage.ru_maxrss,
-        status: libc::WEXITSTATUS(status),
-    }
+        .env(KEY_ENV, "sk-bench");
+    support::measure(cmd)
 }
 
 /// One apply of a workflow, with what the server saw during it.

@@ -8,9 +8,12 @@
 //!
 //! Results and the command that produced them are recorded in BENCHMARKS.md.
 
+mod support;
+
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+use support::Measured;
 
 fn chains_workflow(chains: usize, length: usize, with_templates: bool) -> String {
     let mut y = String::with_capacity(chains * length * 80);
@@ -29,33 +32,11 @@ fn chains_workflow(chains: usize, length: usize, with_templates: bool) -> String
     y
 }
 
-struct Measured {
-    wall: Duration,
-    max_rss_kib: i64,
-    status: i32,
-}
-
-/// Runs the binary and reads its peak RSS from `wait4`, which also reaps the child.
-#[allow(clippy::zombie_processes)]
+/// Runs the binary with its own journal.
 fn measure(args: &[&str], home: &Path) -> Measured {
-    let t0 = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_helix"))
-        .args(args)
-        .env("HELIX_HOME", home)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn helix");
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value for wait4 to fill in.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waiting for our own child; both out-pointers are valid for writes.
-    unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
-    Measured {
-        wall: t0.elapsed(),
-        max_rss_kib: usage.ru_maxrss,
-        status: libc::WEXITSTATUS(status),
-    }
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_helix"));
+    cmd.args(args).env("HELIX_HOME", home);
+    support::measure(cmd)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {

@@ -334,7 +334,7 @@ fn plain_messages(messages: &[Message]) -> Vec<Message> {
 
 /// A reply that is exactly `{"tool": NAME, "arguments": {...}}` (fenced or not) is a call.
 fn parse_json_tool_call(content: &str, turn: u32) -> Option<ToolCall> {
-    let value = parse_json_answer(content).ok()?;
+    let value = crate::llm::parse_json_reply(content).ok()?;
     let name = value.get("tool")?.as_str()?.to_string();
     let arguments = value
         .get("arguments")
@@ -355,10 +355,10 @@ fn append(
 ) -> Result<(), crate::store::JournalError> {
     let seq = messages.len() as u32;
     // Secrets may reach the model (a prompt can use them) but never the journal.
-    let mut text = serde_json::to_string(&messages.last()).unwrap_or_default();
-    for secret in &job.secrets {
-        text = text.replace(secret.as_str(), "***");
-    }
+    let text = crate::llm::redact(
+        &serde_json::to_string(&messages.last()).unwrap_or_default(),
+        &job.secrets,
+    );
     let message = serde_json::from_str(&text).unwrap_or(Json::Null);
     let journal = job
         .journal
@@ -381,24 +381,14 @@ fn finish(job: &AgentJob, content: &str) -> Result<Json, String> {
     let Some(schema) = &job.output_schema else {
         return Ok(Json::String(content.trim().to_string()));
     };
-    let value = parse_json_answer(content).map_err(|e| format!("the reply is not JSON ({e})"))?;
+    let value = crate::llm::parse_json_reply(content)
+        .map_err(|e| format!("the reply is not JSON ({e})"))?;
     let problems = schema_check::check(schema, &value);
     if problems.is_empty() {
         Ok(value)
     } else {
         Err(problems.join("; "))
     }
-}
-
-/// Models often wrap JSON in a Markdown fence; accept that.
-fn parse_json_answer(content: &str) -> Result<Json, serde_json::Error> {
-    let t = content.trim();
-    let unfenced = t
-        .strip_prefix("```json")
-        .or_else(|| t.strip_prefix("```"))
-        .and_then(|r| r.strip_suffix("```"))
-        .unwrap_or(t);
-    serde_json::from_str(unfenced.trim())
 }
 
 fn repair_prompt(problems: &str) -> String {
@@ -944,10 +934,10 @@ impl Provider for JournaledProvider {
                 }
             }
             let reply = self.inner.chat(request, on_token).await?;
-            let mut text = serde_json::json!({ "reply": reply }).to_string();
-            for secret in &self.secrets {
-                text = text.replace(secret.as_str(), "***");
-            }
+            let text = crate::llm::redact(
+                &serde_json::json!({ "reply": reply }).to_string(),
+                &self.secrets,
+            );
             let stored: Json = serde_json::from_str(&text).unwrap_or(Json::Null);
             let j = self
                 .journal
@@ -1015,7 +1005,7 @@ pub fn rhai_host(
                     .map_err(|e| e.to_string())?;
                 Ok(serde_json::json!({
                     "content": reply.content,
-                    "json": parse_json_answer(&reply.content).ok(),
+                    "json": crate::llm::parse_json_reply(&reply.content).ok(),
                     "usage": reply.usage,
                 }))
             }))
@@ -1086,10 +1076,10 @@ mod tests {
     #[test]
     fn fenced_json_answers_are_accepted() {
         assert_eq!(
-            parse_json_answer("```json\n{\"a\": 1}\n```").ok(),
+            crate::llm::parse_json_reply("```json\n{\"a\": 1}\n```").ok(),
             Some(serde_json::json!({"a": 1}))
         );
-        assert!(parse_json_answer("sure! {\"a\": 1}").is_err());
+        assert!(crate::llm::parse_json_reply("sure! {\"a\": 1}").is_err());
     }
 
     #[test]

@@ -119,7 +119,7 @@ fn print_plan(wf: Arc<Workflow>, inputs: &serde_json::Value, missing: &[String])
         shown.trim_end().to_string()
     };
     println!("\ntasks:");
-    for (ix, t) in wf.tasks.iter().enumerate() {
+    for t in &wf.tasks {
         let depth = {
             let mut d = 0;
             let mut p = t.parent;
@@ -182,7 +182,6 @@ fn print_plan(wf: Arc<Workflow>, inputs: &serde_json::Value, missing: &[String])
         if matches!(t.kind, TaskKind::Run { .. }) && t.sandbox != wf.sandbox {
             println!("{detail}sandbox: {}", sandbox_text(&t.sandbox));
         }
-        let _ = ix;
     }
 }
 

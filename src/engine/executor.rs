@@ -562,13 +562,7 @@ impl Executor<'_> {
     }
 
     fn redact(&self, text: &str) -> String {
-        let mut out = text.to_string();
-        for s in &self.secrets {
-            if out.contains(s.as_str()) {
-                out = out.replace(s.as_str(), "***");
-            }
-        }
-        out
+        crate::llm::redact(text, &self.secrets)
     }
 
     fn redact_json(&self, value: Json) -> Json {
@@ -1220,37 +1214,39 @@ impl Executor<'_> {
                         ..
                     }
                 ) && m.nodes[n].item.is_none();
-                match result {
-                    Ok(plan) if planner => match subtasks(&self.wf, &plan) {
+                // A planner's answer becomes its subtasks, or an `output` failure like any
+                // other failed attempt.
+                let mut plan = None;
+                let result = match result {
+                    Ok(answer) if planner => match subtasks(&self.wf, &answer) {
                         Ok(children) => {
-                            // The plan is durable in the planner's journaled conversation;
-                            // the task finishes when its subtasks do.
-                            let count = children.len();
-                            self.record(Event::TaskExpanded {
-                                run: self.run_id.clone(),
-                                ts: now_ms(),
-                                task: m.nodes[n].key.clone(),
-                                items: count,
-                            })?;
-                            queue.push_back(MEvent::Decomposed(n, children));
+                            plan = Some(children);
+                            Ok(Json::Null)
                         }
-                        Err(problem) => {
-                            let error = Some(format!("the plan is not usable: {problem}"));
-                            self.remember(m, n, Status::Failed, None, error.clone());
-                            let actions = m.handle(MEvent::Failed(n, ErrorClass::Output));
-                            if m.nodes[n].status == Status::Failed {
-                                let event =
-                                    self.finished_event(m, n, Status::Failed, None, error, None);
-                                self.record(event)?;
-                            }
-                            self.apply(m, actions, queue)?;
-                        }
+                        Err(problem) => Err(WorkError {
+                            class: ErrorClass::Output,
+                            message: format!("the plan is not usable: {problem}"),
+                        }),
                     },
-                    Ok(output) => {
+                    other => other,
+                };
+                match (result, plan) {
+                    (Ok(_), Some(children)) => {
+                        // The plan is durable in the planner's journaled conversation; the
+                        // task finishes when its subtasks do.
+                        self.record(Event::TaskExpanded {
+                            run: self.run_id.clone(),
+                            ts: now_ms(),
+                            task: m.nodes[n].key.clone(),
+                            items: children.len(),
+                        })?;
+                        queue.push_back(MEvent::Decomposed(n, children));
+                    }
+                    (Ok(output), None) => {
                         self.succeed(m, n, output, usage)?;
                         queue.push_back(MEvent::Succeeded(n));
                     }
-                    Err(e) => {
+                    (Err(e), _) => {
                         let error = Some(self.redact(&e.message));
                         self.remember(m, n, Status::Failed, None, error.clone());
                         let actions = m.handle(MEvent::Failed(n, e.class));

@@ -160,6 +160,17 @@ pub enum LlmError {
     MissingKey(String),
 }
 
+/// A reply's JSON, also when the model wrapped it in a Markdown fence (```json … ```).
+pub fn parse_json_reply(content: &str) -> Result<Json, serde_json::Error> {
+    let text = content.trim();
+    let unfenced = text
+        .strip_prefix("```json")
+        .or_else(|| text.strip_prefix("```"))
+        .and_then(|rest| rest.strip_suffix("```"))
+        .unwrap_or(text);
+    serde_json::from_str(unfenced.trim())
+}
+
 /// A source of chat completions.
 pub trait Provider: Send + Sync {
     /// `openai`, `anthropic`, `scripted`, … for messages and the journal.

@@ -8,7 +8,6 @@
 //! are async functions: a script waiting on a model holds no runtime thread. Each run gets a
 //! VM of its own, so runs share nothing and their futures are `Send`.
 
-use std::any::Any;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
@@ -168,7 +167,7 @@ async fn run(
                 src,
                 None,
                 ScriptErrorKind::Runtime,
-                format!("the script engine failed: {}", panic_reason(&*panic)),
+                format!("the script engine failed: {}", super::panic_reason(&*panic)),
             ))
         });
     outranked_by_limits(src, &budget, result)
@@ -249,14 +248,6 @@ fn outranked_by_limits<T>(
         )),
         None => result,
     }
-}
-
-fn panic_reason(panic: &(dyn Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("unknown cause")
 }
 
 /// A tool's arguments with defaults applied, as the engine applies them to tools declared
@@ -1041,7 +1032,7 @@ impl Host {
             "usage": reply.usage,
             "finish_reason": reply.finish_reason,
         });
-        if let Some(decoded) = json_in_reply(&reply.content) {
+        if let Ok(decoded) = crate::llm::parse_json_reply(&reply.content) {
             out["json"] = decoded;
         }
         Ok(lua::json_to_lua(&upgrade(&lua)?, &out, &self.array)?)
@@ -1142,17 +1133,6 @@ async fn stopped(limits: &Limits) -> ScriptErrorKind {
 fn upgrade(lua: &WeakLua) -> mlua::Result<Lua> {
     lua.try_upgrade()
         .ok_or_else(|| mlua::Error::runtime("the script's VM is gone"))
-}
-
-/// A reply's JSON, also when the model wrapped it in a ```json fence.
-fn json_in_reply(content: &str) -> Option<Json> {
-    let text = content.trim();
-    let unfenced = text
-        .strip_prefix("```json")
-        .or_else(|| text.strip_prefix("```"))
-        .and_then(|rest| rest.strip_suffix("```"))
-        .unwrap_or(text);
-    serde_json::from_str(unfenced.trim()).ok()
 }
 
 /// Refuses keys of `table` outside `allowed`, suggesting the one a typo meant.

@@ -233,17 +233,22 @@ pub fn run_rhai_with_host(
     })
 }
 
+/// What a caught panic said.
+pub(crate) fn panic_reason(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("unknown cause")
+}
+
 /// A panic inside an engine becomes an error instead of taking the caller down.
 fn without_panics<T>(
     src: &ScriptSource,
     work: impl FnOnce() -> Result<T, ScriptError>,
 ) -> Result<T, ScriptError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
-        let reason = panic
-            .downcast_ref::<&str>()
-            .copied()
-            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-            .unwrap_or("unknown cause");
+        let reason = panic_reason(panic.as_ref());
         Err(ScriptError::new(
             src,
             None,
@@ -281,11 +286,7 @@ fn on_script_thread<T: Send>(
             .spawn_scoped(scope, work)
             .map_err(|e| runtime_error(format!("cannot start a thread for the script: {e}")))?;
         thread.join().unwrap_or_else(|panic| {
-            let reason = panic
-                .downcast_ref::<&str>()
-                .copied()
-                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-                .unwrap_or("unknown cause");
+            let reason = panic_reason(panic.as_ref());
             Err(runtime_error(format!("the script engine failed: {reason}")))
         })
     })
