@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use helix::agents::builtin_spec;
 use helix::llm::{BoxFuture, OpenAi, Provider, Scripted, ToolSpec, Usage};
 use helix::scripting::lua_api::{
-    inspect, run_agent, run_tool, Kind, Loaded, ScriptContext, ToolCaller,
+    call_tool, inspect, run_agent, run_tool, Kind, Loaded, ScriptContext, ToolCaller,
 };
 use helix::scripting::{Lang, Limits, ScriptError, ScriptErrorKind, ScriptSource};
 use helix::tools::{call_builtin, ToolContext};
@@ -70,7 +70,7 @@ fn context(
         model: "gpt-test".into(),
         agent: "reviewer".into(),
         call_tool,
-        tools,
+        tools: tools.into(),
         scratch_get: Arc::new(move |key| {
             Ok(get.lock().map_err(|e| e.to_string())?.get(key).cloned())
         }),
@@ -488,6 +488,66 @@ async fn a_tool_gets_its_defaults_and_refuses_unknown_arguments() {
         );
         assert_eq!(error.to_string(), expected);
     }
+}
+
+/// A tool that counts its calls in a file-level local and logs what it was given.
+const COUNTING_TOOL: &str = r#"local calls = 0
+return helix.tool {
+  params = { word = { type = "string" }, spin = { type = "boolean", default = false } },
+  run = function(args, ctx)
+    calls = calls + 1
+    ctx.log(args.word)
+    while args.spin do end
+    return calls
+  end,
+}
+"#;
+
+#[tokio::test]
+async fn warm_tool_calls_keep_module_state_and_reach_their_own_context() {
+    // Named for this test alone: warm VMs are kept per script.
+    let src = script("scripts/pool_counter.lua", COUNTING_TOOL);
+    let call = |word: &str| {
+        let (tools, caller) = no_tools();
+        let (cx, seen) = context(Json::Null, None, tools, caller);
+        let src = src.clone();
+        let word = word.to_string();
+        async move {
+            let result = call_tool(&src, json!({ "word": word }), cx).await;
+            (result, seen)
+        }
+    };
+    let (first, first_seen) = call("one").await;
+    let (second, second_seen) = call("two").await;
+    // The second call ran on the first one's VM: the file's state carried over.
+    assert_eq!(expect_ok(first), json!(1));
+    assert_eq!(expect_ok(second), json!(2));
+    // Each call's log went to the context it was called with.
+    assert_eq!(first_seen.logs(), ["one"]);
+    assert_eq!(second_seen.logs(), ["two"]);
+
+    // A call that runs out of instructions fails alone, and its VM is not reused.
+    let (tools, caller) = no_tools();
+    let (cx, _) = context(Json::Null, None, tools, caller);
+    let spun = call_tool(&src, json!({ "word": "spin", "spin": true }), cx).await;
+    let error = expect_error(spun, ScriptErrorKind::InstructionLimit);
+    assert!(
+        error.to_string().starts_with("scripts/pool_counter.lua:7:"),
+        "{error}"
+    );
+    let (after, _) = call("three").await;
+    // The spent VM was dropped, so a fresh one, counting from zero, answers.
+    assert_eq!(expect_ok(after), json!(1));
+
+    // A changed file gets a fresh VM.
+    let edited = script(
+        "scripts/pool_counter.lua",
+        &COUNTING_TOOL.replace("calls + 1", "calls + 100"),
+    );
+    let (tools, caller) = no_tools();
+    let (cx, _) = context(Json::Null, None, tools, caller);
+    let fresh = call_tool(&edited, json!({ "word": "x" }), cx).await;
+    assert_eq!(expect_ok(fresh), json!(100));
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde_json::Value as Json;
 
@@ -502,8 +502,10 @@ async fn call_tool(env: &ToolEnv, call: &ToolCall) -> String {
     }
 }
 
+/// Runs a tool written in Lua or Rhai on the calling worker: a Lua tool on a warm VM of its
+/// own, a Rhai tool from its compiled form, with the built-in file tools as its only tools.
 async fn run_script_tool(
-    _env: &ToolEnv,
+    env: &ToolEnv,
     name: &str,
     path: &std::path::Path,
     params: &Json,
@@ -514,40 +516,26 @@ async fn run_script_tool(
         _ => return Err(format!("tool `{name}` takes an arguments object")),
     };
     crate::engine::executor::apply_param_defaults(name, params, &mut given)?;
-    let code = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let lang = crate::scripting::Lang::from_path(path).unwrap_or(crate::scripting::Lang::Rhai);
-    let source = crate::scripting::ScriptSource {
-        lang,
-        code,
-        name: path.display().to_string(),
-        first_line: 1,
-    };
-    if lang == crate::scripting::Lang::Lua {
-        // A Lua tool gets `ctx` too, limited to the built-in file tools.
+    let source = crate::scripting::read_script(path)?;
+    if source.lang == crate::scripting::Lang::Lua {
         let cx = script_context(
-            _env,
+            env,
             None,
             String::new(),
             String::new(),
             serde_json::json!({}),
             Vec::new(),
         );
-        let limits = crate::scripting::Limits::default();
-        return crate::scripting::lua_api::run_tool(&source, Json::Object(given), cx, &limits)
+        return crate::scripting::lua_api::call_tool(&source, Json::Object(given), cx)
             .await
             .map_err(|e| e.to_string());
     }
     let mut globals = serde_json::Map::new();
     globals.insert("args".into(), Json::Object(given));
     let limits = crate::scripting::Limits::default();
-    let host = rhai_host(&builtin_env(_env), None);
-    tokio::task::spawn_blocking(move || {
-        crate::scripting::run_rhai_with_host(&source, &globals, &limits, &host)
-    })
-    .await
-    .map_err(|e| format!("tool failed: {e}"))?
-    .map_err(|e| e.to_string())
+    let host = rhai_host(builtin_env(env), None);
+    crate::scripting::run_rhai_with_host(&source, &globals, &limits, &host)
+        .map_err(|e| e.to_string())
 }
 
 /// What the executor knows when it starts an agent task.
@@ -848,17 +836,10 @@ pub fn script_context(
     tools: Vec<ToolSpec>,
 ) -> crate::scripting::lua_api::ScriptContext {
     // Without a declared tool list a script may use the built-in file tools.
-    let mut env = env.clone();
-    if tools.is_empty() {
-        env.tools = tools::builtins()
-            .iter()
-            .map(|b| (b.name.to_string(), AgentTool::Builtin))
-            .collect();
-    }
-    let specs: Vec<ToolSpec> = if tools.is_empty() {
-        env.tools.keys().filter_map(|n| builtin_spec(n)).collect()
+    let (env, specs) = if tools.is_empty() {
+        (builtin_env(env), Arc::clone(builtin_specs()))
     } else {
-        tools
+        (env.clone(), tools.into())
     };
     let env = Arc::new(env);
     let call_env = env.clone();
@@ -958,21 +939,43 @@ impl Provider for JournaledProvider {
 
 /// The environment with only the built-in file tools (what scripted tools may call).
 pub fn builtin_env(env: &ToolEnv) -> ToolEnv {
-    let mut env = env.clone();
-    env.tools = tools::builtins()
-        .iter()
-        .map(|b| (b.name.to_string(), AgentTool::Builtin))
-        .collect();
-    env
+    static BUILTINS: OnceLock<HashMap<String, AgentTool>> = OnceLock::new();
+    let builtins = BUILTINS.get_or_init(|| {
+        tools::builtins()
+            .iter()
+            .map(|b| (b.name.to_string(), AgentTool::Builtin))
+            .collect()
+    });
+    ToolEnv {
+        workspace: env.workspace.clone(),
+        workflow_dir: env.workflow_dir.clone(),
+        journal: env.journal.clone(),
+        run_id: env.run_id.clone(),
+        task: env.task.clone(),
+        http_allow: env.http_allow.clone(),
+        tools: builtins.clone(),
+    }
 }
 
-/// Rhai's host functions over a tool environment. Rhai runs on a blocking thread, so async
-/// tool calls are driven to completion on the runtime from there.
+/// The schemas of the built-in file tools, made once.
+fn builtin_specs() -> &'static Arc<[ToolSpec]> {
+    static SPECS: OnceLock<Arc<[ToolSpec]>> = OnceLock::new();
+    SPECS.get_or_init(|| {
+        tools::builtins()
+            .iter()
+            .filter_map(|b| builtin_spec(b.name))
+            .collect()
+    })
+}
+
+/// Rhai's host functions over a tool environment. Built-in file tools are called directly;
+/// other tools are async, and are driven to completion on the runtime, which only a script
+/// on a blocking thread may do (a Rhai tool, which runs on a worker, has only built-ins).
 pub fn rhai_host(
-    env: &ToolEnv,
+    env: ToolEnv,
     model: Option<(Arc<dyn Provider>, String)>,
 ) -> crate::scripting::Host {
-    let env = Arc::new(env.clone());
+    let env = Arc::new(env);
     let handle = tokio::runtime::Handle::try_current().ok();
     let dir = env.workflow_dir.clone();
     let chat: Option<crate::scripting::HostChat> = match (model, handle.clone()) {
@@ -1014,10 +1017,18 @@ pub fn rhai_host(
     };
     let (call_env, get_env, set_env, log_env) = (env.clone(), env.clone(), env.clone(), env);
     crate::scripting::Host {
-        call_tool: Arc::new(move |name, args| match &handle {
-            Some(handle) => handle.block_on(invoke(&call_env, name, &args)),
-            None => Err("tools need the engine's runtime".into()),
-        }),
+        call_tool: Arc::new(
+            move |name, args| match (call_env.tools.get(name), &handle) {
+                (Some(AgentTool::Builtin), _) => {
+                    let cx = ToolContext {
+                        workspace: call_env.workspace.clone(),
+                    };
+                    tools::call_builtin(name, &args, &cx).map_err(|e| e.to_string())
+                }
+                (_, Some(handle)) => handle.block_on(invoke(&call_env, name, &args)),
+                (_, None) => Err("tools need the engine's runtime".into()),
+            },
+        ),
         scratch_get: Arc::new(move |key| get_env.scratch_get(key)),
         scratch_set: Arc::new(move |key, value| set_env.scratch_set(key, value)),
         log: Arc::new(move |text| log_env.log(text)),

@@ -1028,7 +1028,7 @@ impl Executor<'_> {
                             _ => None,
                         };
                         Some(crate::agents::rhai_host(
-                            &crate::agents::builtin_env(&self.tool_env(&m.nodes[n].key, &[])?),
+                            crate::agents::builtin_env(&self.tool_env(&m.nodes[n].key, &[])?),
                             model,
                         ))
                     }

@@ -8,6 +8,7 @@
 //! are async functions: a script waiting on a model holds no runtime thread. Each run gets a
 //! VM of its own, so runs share nothing and their futures are `Send`.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
@@ -52,7 +53,7 @@ pub struct ScriptContext {
     pub call_tool: ToolCaller,
     /// The tools `ctx.tools` may call, with the schemas `ctx.llm:chat { tools = … }` offers
     /// the model.
-    pub tools: Vec<ToolSpec>,
+    pub tools: Arc<[ToolSpec]>,
     pub scratch_get: ScratchGet,
     pub scratch_set: ScratchSet,
     pub render: Render,
@@ -148,6 +149,37 @@ pub async fn run_tool(
     run(src, Kind::Tool, args, cx, limits).await
 }
 
+/// Calls a tool the way the engine does, under the default limits, on a warm VM when one is
+/// idle. A tool's VM is built, sandboxed and loaded once and then lent to one call at a time:
+/// what the file's top level sets up persists between calls, like a module's state; each
+/// call gets its own `ctx`, its own instruction budget, and the memory cap of the VM. A VM
+/// that failed a call or reached a limit is dropped, and a changed file gets new VMs.
+pub async fn call_tool(
+    src: &ScriptSource,
+    args: Json,
+    cx: ScriptContext,
+) -> Result<Json, ScriptError> {
+    require_lua(src)?;
+    let (tool, budget) = match take_warm(src) {
+        Some(tool) => {
+            tool.begin(cx)?;
+            let budget = Arc::clone(&tool.vm.budget);
+            (tool, budget)
+        }
+        None => {
+            let budget = new_budget(src, &Limits::default());
+            let loaded = guarded(src, async { load(src, Kind::Tool, cx, &budget) }).await;
+            (outranked_by_limits(src, &budget, loaded)?, budget)
+        }
+    };
+    let result = guarded(src, call(src, Kind::Tool, args, &tool)).await;
+    let result = outranked_by_limits(src, &budget, result);
+    if result.is_ok() {
+        give_back(src, tool);
+    }
+    result
+}
+
 async fn run(
     src: &ScriptSource,
     kind: Kind,
@@ -157,9 +189,20 @@ async fn run(
 ) -> Result<Json, ScriptError> {
     require_lua(src)?;
     let budget = new_budget(src, limits);
-    // A panic in the VM or in one of the engine's callbacks fails this script, not the
-    // engine.
-    let result = AssertUnwindSafe(execute(src, kind, input, cx, &budget))
+    let result = guarded(src, async {
+        let loaded = load(src, kind, cx, &budget)?;
+        call(src, kind, input, &loaded).await
+    })
+    .await;
+    outranked_by_limits(src, &budget, result)
+}
+
+/// A panic in the VM or in one of the engine's callbacks fails this script, not the engine.
+async fn guarded<T>(
+    src: &ScriptSource,
+    work: impl Future<Output = Result<T, ScriptError>>,
+) -> Result<T, ScriptError> {
+    AssertUnwindSafe(work)
         .catch_unwind()
         .await
         .unwrap_or_else(|panic| {
@@ -169,19 +212,22 @@ async fn run(
                 ScriptErrorKind::Runtime,
                 format!("the script engine failed: {}", super::panic_reason(&*panic)),
             ))
-        });
-    outranked_by_limits(src, &budget, result)
+        })
 }
 
-async fn execute(
+/// A VM with the script's definition loaded, ready for `run`.
+struct Prepared {
+    vm: Vm,
+    definition: Definition,
+}
+
+fn load(
     src: &ScriptSource,
     kind: Kind,
-    input: Json,
     cx: ScriptContext,
     budget: &Arc<Budget>,
-) -> Result<Json, ScriptError> {
-    let fail = |e| lua::lua_error(src, &budget.limits, e);
-    let vm = Vm::new(budget, Some(cx)).map_err(fail)?;
+) -> Result<Prepared, ScriptError> {
+    let vm = Vm::new(budget, Some(cx)).map_err(|e| lua::lua_error(src, &budget.limits, e))?;
     let definition = vm.load_definition(src)?;
     if definition.loaded.kind != kind {
         return Err(ScriptError::new(
@@ -196,6 +242,28 @@ async fn execute(
             ),
         ));
     }
+    Ok(Prepared { vm, definition })
+}
+
+impl Prepared {
+    /// Hands a warm VM to a new call: its context, a fresh `ctx` table, a full budget.
+    fn begin(&self, cx: ScriptContext) -> Result<(), ScriptError> {
+        if let Some(host) = &self.vm.host {
+            host.begin(cx);
+        }
+        self.vm.budget.used.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+async fn call(
+    src: &ScriptSource,
+    kind: Kind,
+    input: Json,
+    loaded: &Prepared,
+) -> Result<Json, ScriptError> {
+    let Prepared { vm, definition } = loaded;
+    let fail = |e| lua::lua_error(src, &vm.budget.limits, e);
     let input = match kind {
         Kind::Agent => input,
         Kind::Tool => tool_arguments(src, &definition.loaded.params, input)?,
@@ -205,11 +273,46 @@ async fn execute(
 
     // The instruction hook belongs to one Lua thread: `run` gets a thread of its own, which
     // its async calls suspend and resume, and the hook goes with it.
-    let thread = vm.lua.create_thread(definition.run).map_err(fail)?;
-    thread.set_hook(lua::hook_triggers(), budget.hook());
+    let thread = vm.lua.create_thread(definition.run.clone()).map_err(fail)?;
+    thread.set_hook(lua::hook_triggers(), vm.budget.hook());
     let returned: Value = thread.into_async((input, ctx)).await.map_err(fail)?;
     lua::lua_to_json(&returned, &vm.marks.array, 0)
         .map_err(|message| ScriptError::new(src, None, ScriptErrorKind::Value, message))
+}
+
+/// Idle tool VMs kept per script.
+const IDLE_TOOL_VMS: usize = 4;
+
+/// Idle tool VMs by script name, each with the text it was loaded from.
+type ToolPool = Mutex<HashMap<String, Vec<(String, Prepared)>>>;
+
+fn tool_pool() -> &'static ToolPool {
+    static POOL: OnceLock<ToolPool> = OnceLock::new();
+    POOL.get_or_init(ToolPool::default)
+}
+
+/// An idle VM loaded from this very text of the script, if there is one.
+fn take_warm(src: &ScriptSource) -> Option<Prepared> {
+    let mut pool = tool_pool().lock().unwrap_or_else(PoisonError::into_inner);
+    let idle = pool.get_mut(&src.name)?;
+    // VMs of an older text of the file are dropped as they come up.
+    while let Some((code, tool)) = idle.pop() {
+        if code == src.code {
+            return Some(tool);
+        }
+    }
+    None
+}
+
+fn give_back(src: &ScriptSource, tool: Prepared) {
+    if tool.vm.budget.spent.get().is_some() {
+        return;
+    }
+    let mut pool = tool_pool().lock().unwrap_or_else(PoisonError::into_inner);
+    let idle = pool.entry(src.name.clone()).or_default();
+    if idle.len() < IDLE_TOOL_VMS {
+        idle.push((src.code.clone(), tool));
+    }
 }
 
 fn require_lua(src: &ScriptSource) -> Result<(), ScriptError> {
@@ -370,6 +473,8 @@ struct Vm {
     marks: Marks,
     /// `None` when the script is only inspected.
     ctx: Option<Table>,
+    /// What `ctx` reaches; `None` when the script is only inspected.
+    host: Option<Arc<Host>>,
 }
 
 /// Metatables that tell where a table came from.
@@ -425,8 +530,9 @@ impl Vm {
         lua::install_sandbox(&lua, budget)?;
         let marks = Marks::new(&lua)?;
 
-        let log: Log = match &cx {
-            Some(cx) => Arc::clone(&cx.log),
+        let host = cx.map(|cx| Arc::new(Host::new(cx, budget, &marks)));
+        let log: Log = match &host {
+            Some(host) => host.current_log(),
             None => Arc::new(|_: &str| {}),
         };
         let api = lua.create_table()?;
@@ -470,11 +576,8 @@ impl Vm {
             .set_name(PRELUDE_NAME)
             .set_mode(ChunkMode::Text)
             .call(api)?;
-        let ctx = match cx {
-            Some(cx) => {
-                let host = Arc::new(Host::new(cx, budget, &marks));
-                Some(new_context.call(host.functions(&lua)?)?)
-            }
+        let ctx = match &host {
+            Some(host) => Some(new_context.call(host.functions(&lua)?)?),
             None => None,
         };
         Ok(Vm {
@@ -482,6 +585,7 @@ impl Vm {
             budget: Arc::clone(budget),
             marks,
             ctx,
+            host,
         })
     }
 
@@ -720,9 +824,8 @@ fn log_fn(lua: &Lua, log: Log) -> mlua::Result<Function> {
 
 /// What the `ctx` functions of one run share.
 struct Host {
-    cx: ScriptContext,
-    /// Names the task in model requests.
-    task_id: String,
+    /// The context of the run in progress: a pooled tool VM gets a new one per call.
+    cx: Mutex<Arc<ScriptContext>>,
     /// Model calls made so far: a request is turn `turns + 1`.
     turns: AtomicU32,
     budget: Arc<Budget>,
@@ -746,19 +849,32 @@ const MESSAGES_SHAPE: &str = "a list of {role, content} tables";
 
 impl Host {
     fn new(cx: ScriptContext, budget: &Arc<Budget>, marks: &Marks) -> Host {
-        let task_id = cx
-            .task
-            .get("id")
-            .and_then(Json::as_str)
-            .unwrap_or_default()
-            .to_string();
         Host {
-            cx,
-            task_id,
+            cx: Mutex::new(Arc::new(cx)),
             turns: AtomicU32::new(0),
             budget: Arc::clone(budget),
             array: marks.array.clone(),
         }
+    }
+
+    fn cx(&self) -> Arc<ScriptContext> {
+        Arc::clone(&self.cx.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Hands the VM to a new run: its context, and model calls counted from one again.
+    fn begin(&self, cx: ScriptContext) {
+        *self.cx.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(cx);
+        self.turns.store(0, Ordering::Relaxed);
+    }
+
+    /// Names the task in model requests.
+    fn task_id(&self) -> String {
+        let cx = self.cx();
+        cx.task
+            .get("id")
+            .and_then(Json::as_str)
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// The host functions `new_context` builds the run's `ctx` from.
@@ -810,8 +926,14 @@ impl Host {
                 host.render(lua, &template, &vars)
             })?,
         )?;
-        functions.raw_set("log", log_fn(lua, Arc::clone(&self.cx.log))?)?;
+        functions.raw_set("log", log_fn(lua, self.current_log())?)?;
         Ok(functions)
+    }
+
+    /// Logs through whichever run is in progress when the script logs.
+    fn current_log(self: &Arc<Self>) -> Log {
+        let host = Arc::clone(self);
+        Arc::new(move |line: &str| (host.cx().log)(line))
     }
 
     fn chat_request(&self, options: &Value) -> HostResult<ChatRequest> {
@@ -853,15 +975,15 @@ impl Host {
                 .ok_or_else(|| wrong_type(&format!("{api}: `max_tokens`"), "a whole number", value))
         })?;
         Ok(ChatRequest {
-            model: model.unwrap_or_else(|| self.cx.model.clone()),
+            model: model.unwrap_or_else(|| self.cx().model.clone()),
             system: system.unwrap_or_default(),
             messages: self.messages(options.raw_get("messages")?)?,
             tools: self.offered_tools(options.raw_get("tools")?)?,
             json: json.unwrap_or(false),
             temperature,
             max_tokens,
-            agent: self.cx.agent.clone(),
-            task: self.task_id.clone(),
+            agent: self.cx().agent.clone(),
+            task: self.task_id(),
             turn: self.turns.fetch_add(1, Ordering::Relaxed).saturating_add(1),
         })
     }
@@ -960,19 +1082,19 @@ impl Host {
             .map(|name| {
                 let name = string_arg(name, what, "a list of tool names")?;
                 self.tool(&name)
-                    .cloned()
                     .map_err(|e| Fault::Complaint(format!("{what}: {e}")))
             })
             .collect()
     }
 
-    fn tool(&self, name: &str) -> Result<&ToolSpec, String> {
-        self.cx
-            .tools
+    fn tool(&self, name: &str) -> Result<ToolSpec, String> {
+        let cx = self.cx();
+        cx.tools
             .iter()
             .find(|tool| tool.name == name)
+            .cloned()
             .ok_or_else(|| {
-                let names: Vec<&str> = self.cx.tools.iter().map(|t| t.name.as_str()).collect();
+                let names: Vec<&str> = cx.tools.iter().map(|t| t.name.as_str()).collect();
                 let hint = if names.is_empty() {
                     " (it may call none)".to_string()
                 } else {
@@ -1014,15 +1136,15 @@ impl Host {
         line: Option<u32>,
     ) -> HostResult {
         let request = request?;
-        let provider = self.cx.provider.clone().ok_or_else(|| {
+        let cx = self.cx();
+        let provider = cx.provider.clone().ok_or_else(|| {
             Fault::Complaint("ctx.llm:chat: tools have no model; only agents can chat".into())
         })?;
         let reply = self
             .unless_stopped(line, provider.chat(&request, None))
             .await?
             .map_err(|e| Fault::Complaint(format!("ctx.llm:chat: {e}")))?;
-        self.cx
-            .usage
+        cx.usage
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .add(reply.usage);
@@ -1046,7 +1168,7 @@ impl Host {
     ) -> HostResult {
         let (name, args) = call?;
         let result = self
-            .unless_stopped(line, (self.cx.call_tool)(name.clone(), args))
+            .unless_stopped(line, (self.cx().call_tool)(name.clone(), args))
             .await?
             .map_err(|e| Fault::Complaint(format!("{name}: {e}")))?;
         Ok(lua::json_to_lua(&upgrade(&lua)?, &result, &self.array)?)
@@ -1054,7 +1176,7 @@ impl Host {
 
     fn scratch_get(&self, lua: &Lua, key: &Value) -> HostResult {
         let key = string_arg(key, "ctx.scratch: a key", "a string")?;
-        match (self.cx.scratch_get)(&key) {
+        match (self.cx().scratch_get)(&key) {
             Ok(Some(value)) => Ok(lua::json_to_lua(lua, &value, &self.array)?),
             Ok(None) => Ok(Value::Nil),
             Err(e) => Err(Fault::Complaint(format!("ctx.scratch.{key}: {e}"))),
@@ -1065,7 +1187,7 @@ impl Host {
         let key = string_arg(key, "ctx.scratch: a key", "a string")?;
         let value = lua::lua_to_json(value, &self.array, 0)
             .map_err(|e| Fault::Complaint(format!("ctx.scratch.{key}: {e}")))?;
-        (self.cx.scratch_set)(&key, &value)
+        (self.cx().scratch_set)(&key, &value)
             .map_err(|e| Fault::Complaint(format!("ctx.scratch.{key}: {e}")))?;
         Ok(Value::Nil)
     }
@@ -1088,7 +1210,7 @@ impl Host {
                 "{api}: `vars` must be a table of named values, got a list"
             )));
         }
-        let text = (self.cx.render)(&template, &vars)
+        let text = (self.cx().render)(&template, &vars)
             .map_err(|e| Fault::Complaint(format!("{api}: {e}")))?;
         Ok(Value::String(lua.create_string(text)?))
     }

@@ -10,10 +10,11 @@ pub mod lua_api;
 // Referred to as `self::rhai`, since the crate it wraps has the same name.
 mod rhai;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Instant, SystemTime};
 
 use serde_json::{Map, Value as Json};
 
@@ -52,6 +53,37 @@ pub struct ScriptSource {
     /// 1 for files; for inline code, the line of the workflow file where the code starts, so
     /// that error lines point into that file.
     pub first_line: u32,
+}
+
+/// Reads a script file, from memory while the file keeps its size and modification time:
+/// tools are read on every call, and a call costs a few microseconds.
+pub fn read_script(path: &Path) -> Result<ScriptSource, String> {
+    type Cache = Mutex<HashMap<std::path::PathBuf, (SystemTime, u64, ScriptSource)>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cannot_read = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let meta = std::fs::metadata(path).map_err(cannot_read)?;
+    let stamp = (meta.modified().map_err(cannot_read)?, meta.len());
+    let cache = CACHE.get_or_init(Cache::default);
+    if let Some((modified, len, source)) = cache
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(path)
+    {
+        if (*modified, *len) == stamp {
+            return Ok(source.clone());
+        }
+    }
+    let source = ScriptSource {
+        lang: Lang::from_path(path).unwrap_or(Lang::Rhai),
+        code: std::fs::read_to_string(path).map_err(cannot_read)?,
+        name: path.display().to_string(),
+        first_line: 1,
+    };
+    cache
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(path.to_path_buf(), (stamp.0, stamp.1, source.clone()));
+    Ok(source)
 }
 
 impl ScriptSource {
@@ -122,7 +154,7 @@ impl Limits {
 }
 
 /// A byte count in the largest binary unit that divides it exactly ("64 MiB", "1000 bytes").
-struct ByteSize(usize);
+pub struct ByteSize(pub usize);
 
 impl std::fmt::Display for ByteSize {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -1,11 +1,13 @@
 //! Rhai scripts: an engine with the standard library minus `eval`, `sleep` and printing,
 //! bounded by Rhai's own limits plus a progress check for the deadline and the cancel flag.
 
-use std::sync::OnceLock;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use rhai::packages::{Package, StandardPackage};
 use rhai::{
-    Dynamic, Engine, EvalAltResult, Module, ParseError, Position, Scope, Shared, FLOAT, INT,
+    Dynamic, Engine, EvalAltResult, Module, ParseError, Position, Scope, Shared, AST, FLOAT, INT,
 };
 use serde_json::{Map, Value as Json};
 
@@ -31,15 +33,97 @@ fn standard_library() -> Shared<Module> {
         .clone()
 }
 
-fn engine(limits: &Limits) -> Engine {
-    let mut engine = Engine::new_raw();
-    engine.register_global_module(standard_library());
+/// An engine for one script under `limits`, with `host`'s functions when there is a host.
+fn engine(limits: &Limits, host: Option<&super::Host>) -> Engine {
+    let mut engine = base_engine();
+    apply_limits(&mut engine, limits);
+    let limits = limits.clone();
+    engine.on_progress(move |operations| progress(operations, &limits));
+    if let Some(host) = host.cloned() {
+        register_host(&mut engine, move || Ok(host.clone()));
+    }
+    engine
+}
+
+/// What the thread's kept engine is running. Its progress check and host functions read it,
+/// so the engine itself (its setup costs about as much as a short script) is made once per
+/// thread.
+struct Current {
+    limits: Limits,
+    host: Option<super::Host>,
+}
+
+thread_local! {
+    static KEPT_ENGINE: RefCell<Option<Engine>> = const { RefCell::new(None) };
+    static CURRENT: RefCell<Option<Current>> = const { RefCell::new(None) };
+}
+
+fn kept_engine() -> Engine {
+    let mut engine = base_engine();
+    engine.on_progress(|operations| {
+        CURRENT.with(|current| {
+            let current = current.borrow();
+            progress(operations, &current.as_ref()?.limits)
+        })
+    });
+    register_host(&mut engine, || {
+        CURRENT.with(|current| {
+            current
+                .borrow()
+                .as_ref()
+                .and_then(|current| current.host.clone())
+                .ok_or_else(|| "host functions are not available to this script".to_string())
+        })
+    });
+    engine
+}
+
+/// Runs `work` on this thread's kept engine, set up for `limits` and `host`; on a fresh
+/// engine instead when the kept one is busy (a host function running a script).
+fn with_engine<T>(
+    limits: &Limits,
+    host: Option<&super::Host>,
+    work: impl FnOnce(&Engine) -> T,
+) -> T {
+    KEPT_ENGINE.with(|kept| match kept.try_borrow_mut() {
+        Ok(mut kept) => {
+            let engine = kept.get_or_insert_with(kept_engine);
+            apply_limits(engine, limits);
+            CURRENT.with(|current| {
+                *current.borrow_mut() = Some(Current {
+                    limits: limits.clone(),
+                    host: host.cloned(),
+                })
+            });
+            let result = work(engine);
+            CURRENT.with(|current| current.borrow_mut().take());
+            result
+        }
+        Err(_) => work(&engine(limits, host)),
+    })
+}
+
+fn progress(operations: u64, limits: &Limits) -> Option<Dynamic> {
+    if operations % PROGRESS_INTERVAL != 0 {
+        return None;
+    }
+    limits.interruption().map(Dynamic::from)
+}
+
+fn apply_limits(engine: &mut Engine, limits: &Limits) {
     // Rhai reads 0 as "no limit".
     engine
         .set_max_operations(limits.max_instructions.max(1))
+        .set_max_string_size(max_string_size(limits));
+}
+
+/// The engine with everything that does not depend on a script's limits or host.
+fn base_engine() -> Engine {
+    let mut engine = Engine::new_raw();
+    engine.register_global_module(standard_library());
+    engine
         .set_max_call_levels(MAX_CALL_LEVELS)
         .set_max_expr_depths(MAX_EXPR_DEPTHS.0, MAX_EXPR_DEPTHS.1)
-        .set_max_string_size(max_string_size(limits))
         .set_max_array_size(MAX_ARRAY_SIZE)
         .set_max_map_size(MAX_MAP_SIZE)
         .set_max_modules(0);
@@ -52,13 +136,6 @@ fn engine(limits: &Limits) -> Engine {
     // on the engine are found before the standard library's.
     engine.register_fn("sleep", |_: INT| sleep_refused());
     engine.register_fn("sleep", |_: FLOAT| sleep_refused());
-    let limits = limits.clone();
-    engine.on_progress(move |operations| {
-        if operations % PROGRESS_INTERVAL != 0 {
-            return None;
-        }
-        limits.interruption().map(Dynamic::from)
-    });
     engine
 }
 
@@ -76,7 +153,7 @@ fn max_string_size(limits: &Limits) -> usize {
 // Rhai's tokenizer is slow over padding lines, so Rhai code is compiled as written and its
 // line numbers are shifted to the workflow file afterwards.
 pub(super) fn check_syntax(src: &ScriptSource) -> Result<(), ScriptError> {
-    engine(&Limits::default())
+    engine(&Limits::default(), None)
         .compile(&src.code)
         .map(drop)
         .map_err(|e| parse_error(src, &e))
@@ -98,74 +175,107 @@ pub(super) fn run_with_host(
     limits: &Limits,
     host: Option<&super::Host>,
 ) -> Result<Json, ScriptError> {
-    let mut engine = engine(limits);
-    if let Some(host) = host {
-        register_host(&mut engine, host);
-    }
-    let ast = engine
-        .compile(&src.code)
-        .map_err(|e| parse_error(src, &e))?;
+    let ast = compiled(src)?;
     let mut scope = Scope::new();
     for (name, value) in globals {
         scope.push_dynamic(name.as_str(), json_to_rhai(value));
     }
-    let returned = engine
-        .eval_ast_with_scope::<Dynamic>(&mut scope, &ast)
-        .map_err(|e| eval_error(src, limits, *e))?;
+    let returned = with_engine(limits, host, |engine| {
+        engine.eval_ast_with_scope::<Dynamic>(&mut scope, &ast)
+    })
+    .map_err(|e| eval_error(src, limits, *e))?;
     rhai_to_json(&returned, 0)
         .map_err(|message| ScriptError::new(src, None, ScriptErrorKind::Value, message))
 }
 
-/// Host calls fail as Rhai runtime errors carrying the host's message.
-fn register_host(engine: &mut Engine, host: &super::Host) {
-    let to_rhai_err = |message: String| -> Box<EvalAltResult> { message.into() };
-    let call_tool = host.call_tool.clone();
+/// Compiled scripts by their text: a tool called again, or a script task run for each item,
+/// skips the compiler. Engines are all configured alike, so one engine's AST runs on another,
+/// and an AST holds no file name or line offset: those come from `src` when errors are made.
+fn compiled(src: &ScriptSource) -> Result<Arc<AST>, ScriptError> {
+    type Cache = Mutex<HashMap<String, Arc<AST>>>;
+    /// Past this many scripts the cache starts over, so it cannot grow without bound.
+    const MAX_SCRIPTS: usize = 256;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Cache::default);
+    if let Some(ast) = cache
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&src.code)
+    {
+        return Ok(Arc::clone(ast));
+    }
+    let ast = Arc::new(
+        engine(&Limits::default(), None)
+            .compile(&src.code)
+            .map_err(|e| parse_error(src, &e))?,
+    );
+    let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+    if cache.len() >= MAX_SCRIPTS {
+        cache.clear();
+    }
+    cache.insert(src.code.clone(), Arc::clone(&ast));
+    Ok(ast)
+}
+
+/// Host calls fail as Rhai runtime errors carrying the host's message. `host` gives the host
+/// of the script being run.
+fn register_host(
+    engine: &mut Engine,
+    host: impl Fn() -> Result<super::Host, String> + Clone + Send + Sync + 'static,
+) {
+    fn fail(message: String) -> Box<EvalAltResult> {
+        message.into()
+    }
+    let h = host.clone();
     engine.register_fn(
         "tool",
         move |name: &str, args: rhai::Map| -> Result<Dynamic, Box<EvalAltResult>> {
-            let args = rhai_to_json(&Dynamic::from_map(args), 0).map_err(to_rhai_err)?;
-            let result = call_tool(name, args).map_err(|e| to_rhai_err(format!("{name}: {e}")))?;
+            let args = rhai_to_json(&Dynamic::from_map(args), 0).map_err(fail)?;
+            let result = (h().map_err(fail)?.call_tool)(name, args)
+                .map_err(|e| fail(format!("{name}: {e}")))?;
             Ok(json_to_rhai(&result))
         },
     );
-    let get = host.scratch_get.clone();
+    let h = host.clone();
     engine.register_fn(
         "scratch_get",
         move |key: &str| -> Result<Dynamic, Box<EvalAltResult>> {
-            Ok(get(key)
-                .map_err(to_rhai_err)?
+            Ok((h().map_err(fail)?.scratch_get)(key)
+                .map_err(fail)?
                 .map_or(Dynamic::UNIT, |v| json_to_rhai(&v)))
         },
     );
-    let set = host.scratch_set.clone();
+    let h = host.clone();
     engine.register_fn(
         "scratch_set",
         move |key: &str, value: Dynamic| -> Result<(), Box<EvalAltResult>> {
-            let value = rhai_to_json(&value, 0).map_err(to_rhai_err)?;
-            set(key, &value).map_err(to_rhai_err)
+            let value = rhai_to_json(&value, 0).map_err(fail)?;
+            (h().map_err(fail)?.scratch_set)(key, &value).map_err(fail)
         },
     );
-    let log = host.log.clone();
-    engine.register_fn("log", move |text: &str| log(text));
-    let render = host.render.clone();
+    let h = host.clone();
+    engine.register_fn("log", move |text: &str| -> Result<(), Box<EvalAltResult>> {
+        (h().map_err(fail)?.log)(text);
+        Ok(())
+    });
+    let h = host.clone();
     engine.register_fn(
         "render",
         move |template: &str, vars: rhai::Map| -> Result<String, Box<EvalAltResult>> {
-            let vars = rhai_to_json(&Dynamic::from_map(vars), 0).map_err(to_rhai_err)?;
-            render(template, &vars).map_err(to_rhai_err)
+            let vars = rhai_to_json(&Dynamic::from_map(vars), 0).map_err(fail)?;
+            (h().map_err(fail)?.render)(template, &vars).map_err(fail)
         },
     );
-    let chat = host.chat.clone();
     engine.register_fn(
         "llm_chat",
         move |request: rhai::Map| -> Result<Dynamic, Box<EvalAltResult>> {
-            let Some(chat) = &chat else {
-                return Err(to_rhai_err(
+            let Some(chat) = host().map_err(fail)?.chat else {
+                return Err(fail(
                     "llm_chat needs a `default` model under `models:`".into(),
                 ));
             };
-            let request = rhai_to_json(&Dynamic::from_map(request), 0).map_err(to_rhai_err)?;
-            Ok(json_to_rhai(&chat(request).map_err(to_rhai_err)?))
+            let request = rhai_to_json(&Dynamic::from_map(request), 0).map_err(fail)?;
+            Ok(json_to_rhai(&chat(request).map_err(fail)?))
         },
     );
 }
