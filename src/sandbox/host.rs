@@ -11,10 +11,9 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 
-use super::{BoxFuture, ExecOutput, ExecRequest, Sandbox, SandboxError};
+use super::{BoxFuture, Capture, ExecOutput, ExecRequest, Sandbox, SandboxError};
 
 /// Passed through from helix's own environment. Anything else a command needs must be in
 /// its request, so a workflow cannot silently depend on who happened to run it.
@@ -23,8 +22,6 @@ const KEPT_ENV: [&str; 6] = ["PATH", "HOME", "LANG", "TERM", "TMPDIR", "USER"];
 /// How long to keep reading once the command's process group is dead. Only a descendant
 /// that left the group can still hold the pipes open by then, and it may do so forever.
 const PIPE_DRAIN_GRACE: Duration = Duration::from_millis(500);
-
-const READ_CHUNK: usize = 16 * 1024;
 
 /// Runs commands with `/bin/sh -c` directly on the host.
 #[derive(Debug, Clone, Copy, Default)]
@@ -72,6 +69,7 @@ async fn run(req: ExecRequest) -> Result<ExecOutput, SandboxError> {
         stdout_truncated,
         stderr_truncated,
         duration: started.elapsed(),
+        limit: timed_out.then(|| "timeout exceeded".to_string()),
     })
 }
 
@@ -209,72 +207,6 @@ impl ProcessGroup {
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// One output stream: the first `limit` bytes are kept, the rest is read and discarded so
-/// the command never blocks on a full pipe.
-struct Capture {
-    kept: Vec<u8>,
-    limit: usize,
-    truncated: bool,
-    error: Option<io::Error>,
-}
-
-impl Capture {
-    fn new(limit: usize) -> Self {
-        Self {
-            kept: Vec::new(),
-            limit,
-            truncated: false,
-            error: None,
-        }
-    }
-
-    async fn fill_from(&mut self, pipe: Option<impl AsyncRead + Unpin>) {
-        let Some(mut pipe) = pipe else { return };
-        let mut chunk = vec![0; READ_CHUNK];
-        loop {
-            match pipe.read(&mut chunk).await {
-                Ok(0) => return,
-                Ok(read) => self.keep(&chunk[..read]),
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                Err(error) => {
-                    self.error = Some(error);
-                    return;
-                }
-            }
-        }
-    }
-
-    fn keep(&mut self, bytes: &[u8]) {
-        let room = self.limit.saturating_sub(self.kept.len());
-        let kept = bytes.len().min(room);
-        self.kept.extend_from_slice(&bytes[..kept]);
-        self.truncated |= kept < bytes.len();
-    }
-
-    fn into_text(mut self) -> String {
-        if self.truncated {
-            drop_cut_character(&mut self.kept);
-        }
-        match String::from_utf8(self.kept) {
-            Ok(text) => text,
-            Err(error) => String::from_utf8_lossy(error.as_bytes()).into_owned(),
-        }
-    }
-}
-
-/// The limit may cut a multi-byte character in half. Those bytes are ours to drop, not the
-/// command's invalid output, and decoding them would push the text past the limit.
-fn drop_cut_character(bytes: &mut Vec<u8>) {
-    let Some(last) = bytes.utf8_chunks().last() else {
-        return;
-    };
-    let tail = last.invalid();
-    let incomplete = std::str::from_utf8(tail).is_err_and(|error| error.error_len().is_none());
-    if incomplete {
-        bytes.truncate(bytes.len() - tail.len());
     }
 }
 
