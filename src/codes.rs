@@ -116,8 +116,9 @@ or is not in the declared `enum`; or a required input (one without a default) is
     NoSandbox = 19, "no sandbox for `run`",
 "`run:` tasks execute commands. helix never silently runs them on your machine: set
 `sandbox: host` (on the task or the workflow) to run them as host processes explicitly,
-or declare a sandbox profile with an image to run them in a Docker container once the
-Docker backend is available in your build.";
+or declare a sandbox profile (`sandbox: { image: helix-sandbox-python }`) to run them in
+a Docker container with no network and tight limits. The same holds for agents given the
+`sandbox.exec` or `sandbox.test` tool.";
 
     Unreadable = 20, "file cannot be read",
 "The file does not exist, cannot be read, is not UTF-8 text, or is larger than the 16 MiB

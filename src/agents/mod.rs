@@ -16,6 +16,9 @@ use crate::llm::{ChatRequest, Message, Provider, Role, ToolCall, ToolSpec, Usage
 use crate::store::Journal;
 use crate::tools::{self, ToolContext};
 
+mod sandbox_tools;
+pub use sandbox_tools::{test_counts, TestCounts};
+
 /// How many identical tool calls in a row mean the agent is stuck.
 const MAX_IDENTICAL_CALLS: usize = 3;
 /// Attempts to get an answer that matches `output.schema` after the first.
@@ -34,6 +37,10 @@ pub enum AgentTool {
     Script {
         path: PathBuf,
         params: Json,
+    },
+    /// `sandbox.exec` / `sandbox.test`: commands in the task's sandbox.
+    Sandbox {
+        test: bool,
     },
 }
 
@@ -70,6 +77,8 @@ pub struct AgentJob {
     pub secrets: Vec<String>,
     /// Tokens this task may use (the task's or the agent's `budget.tokens`, the smaller).
     pub task_token_budget: Option<u64>,
+    /// Where `sandbox.exec` and `sandbox.test` run commands.
+    pub sandbox: Option<Arc<dyn crate::sandbox::Sandbox>>,
 }
 
 /// Receives live detail ("turn 2 · 1.2k chars") while a call streams.
@@ -410,6 +419,7 @@ pub struct ToolEnv {
     pub task: String,
     pub http_allow: Vec<String>,
     pub tools: HashMap<String, AgentTool>,
+    pub sandbox: Option<Arc<dyn crate::sandbox::Sandbox>>,
 }
 
 impl ToolEnv {
@@ -426,6 +436,7 @@ impl ToolEnv {
                 .iter()
                 .map(|(s, t)| (s.name.clone(), t.clone()))
                 .collect(),
+            sandbox: job.sandbox.clone(),
         }
     }
 }
@@ -481,6 +492,8 @@ pub async fn invoke(env: &ToolEnv, name: &str, args: &Json) -> Result<Json, Stri
         }
         Some(AgentTool::Scratch) => scratch(env, name, args),
         Some(AgentTool::Http) => http_request(&env.http_allow, args).await,
+        Some(AgentTool::Sandbox { test: false }) => sandbox_tools::exec(env, args).await,
+        Some(AgentTool::Sandbox { test: true }) => sandbox_tools::test(env, args).await,
         Some(AgentTool::Script { path, params }) => {
             run_script_tool(env, name, path, params, args).await
         }
@@ -557,6 +570,7 @@ pub struct JobParts<'a> {
     pub progress: Option<Progress>,
     pub secrets: Vec<String>,
     pub task_token_budget: Option<u64>,
+    pub sandbox: Option<Arc<dyn crate::sandbox::Sandbox>>,
 }
 
 /// The tools named in an agent's `tools:`, with the schemas the model sees.
@@ -575,6 +589,18 @@ pub fn agent_tools(
                 },
             )),
             None if name == "http.request" => tools.push((http_spec(), AgentTool::Http)),
+            None if name == "sandbox.exec" => {
+                tools.push((
+                    sandbox_tools::exec_spec(),
+                    AgentTool::Sandbox { test: false },
+                ));
+            }
+            None if name == "sandbox.test" => {
+                tools.push((
+                    sandbox_tools::test_spec(),
+                    AgentTool::Sandbox { test: true },
+                ));
+            }
             None if AGENT_TOOLS.contains(&name.as_str()) => {
                 tools.push((scratch_spec(name), AgentTool::Scratch));
             }
@@ -671,6 +697,7 @@ pub fn build_job(parts: JobParts) -> Result<AgentJob, String> {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         },
+        sandbox: parts.sandbox,
     })
 }
 
@@ -688,8 +715,30 @@ fn default_system_prompt(role: &str, goal: Option<&str>, schema: Option<&Json>) 
     s
 }
 
-/// Tools only agents have, because they need the run's journal.
-pub const AGENT_TOOLS: &[&str] = &["scratch.get", "scratch.set", "http.request"];
+/// Tools only agents have, because they need the run's journal or its sandbox.
+pub const AGENT_TOOLS: &[&str] = &[
+    "scratch.get",
+    "scratch.set",
+    "http.request",
+    "sandbox.exec",
+    "sandbox.test",
+];
+
+/// Tools that run commands in the task's sandbox.
+pub const SANDBOX_TOOLS: &[&str] = &["sandbox.exec", "sandbox.test"];
+
+/// Whether a task of this kind runs commands in its sandbox: a `run` task, or an agent
+/// with a sandbox tool.
+pub fn needs_sandbox(wf: &crate::workflow::Workflow, kind: &crate::workflow::TaskKind) -> bool {
+    match kind {
+        crate::workflow::TaskKind::Run { .. } => true,
+        crate::workflow::TaskKind::Agent { agent, .. } => wf
+            .agents
+            .get(agent)
+            .is_some_and(|a| a.tools.iter().any(|t| SANDBOX_TOOLS.contains(&t.as_str()))),
+        _ => false,
+    }
+}
 
 /// Response bodies longer than this are cut (the model sees a note saying so).
 const MAX_HTTP_BODY: usize = 256 * 1024;
@@ -954,6 +1003,7 @@ pub fn builtin_env(env: &ToolEnv) -> ToolEnv {
         task: env.task.clone(),
         http_allow: env.http_allow.clone(),
         tools: builtins.clone(),
+        sandbox: None,
     }
 }
 

@@ -104,6 +104,9 @@ pub enum EngineError {
     MissingSecret(String),
     #[error("cassette: {0}")]
     Cassette(String),
+    /// The workflow needs a container sandbox that cannot be had (no engine, no image).
+    #[error("{0}")]
+    Sandbox(String),
 }
 
 enum Msg {
@@ -301,6 +304,8 @@ pub async fn execute(
     } else {
         HashSet::new()
     };
+    // Before anything runs: a workflow that needs containers fails here, not midway.
+    let sandboxes = start_sandboxes(&wf, &workspace, &spec.run_id).await?;
     let (tx, rx) = mpsc::unbounded_channel();
     let mut ex = Executor {
         wf: wf.clone(),
@@ -329,9 +334,59 @@ pub async fn execute(
         replay,
         scrub,
         rerun,
+        sandboxes,
     };
     let mut machine = Machine::new(&wf, opts.max_parallel, restored_keys);
-    ex.run_loop(&mut machine, rx, spec.resumed).await
+    let summary = ex.run_loop(&mut machine, rx, spec.resumed).await;
+    for sandbox in ex.sandboxes.values() {
+        sandbox.close().await;
+    }
+    summary
+}
+
+/// The container sandboxes this run's tasks use, one per distinct profile, each with its pool
+/// warming up. `sandbox: host` needs nothing; a workflow that uses no container needs no
+/// Docker engine.
+async fn start_sandboxes(
+    wf: &Workflow,
+    workspace: &std::path::Path,
+    run_id: &str,
+) -> Result<HashMap<String, Arc<crate::sandbox::DockerSandbox>>, EngineError> {
+    let mut profiles: Vec<(String, &Json, &str)> = Vec::new();
+    for task in &wf.tasks {
+        let crate::workflow::SandboxChoice::Profile(profile) = &task.sandbox else {
+            continue;
+        };
+        if !crate::agents::needs_sandbox(wf, &task.kind) {
+            continue;
+        }
+        let key = profile.to_string();
+        if !profiles.iter().any(|(k, _, _)| *k == key) {
+            profiles.push((key, profile, &task.id));
+        }
+    }
+    let mut sandboxes = HashMap::new();
+    if profiles.is_empty() {
+        return Ok(sandboxes);
+    }
+    let failed = |task: &str, message: String| {
+        EngineError::Sandbox(format!(
+            "task `{task}` needs a container sandbox: {message}"
+        ))
+    };
+    let docker = crate::sandbox::docker::connect()
+        .await
+        .map_err(|e| failed(profiles[0].2, e.to_string()))?;
+    for (key, profile, task) in profiles {
+        let profile =
+            crate::sandbox::Profile::from_json(profile, &wf.dir).map_err(|e| failed(task, e))?;
+        let sandbox =
+            crate::sandbox::DockerSandbox::start(docker.clone(), profile, workspace, run_id)
+                .await
+                .map_err(|e| failed(task, e.to_string()))?;
+        sandboxes.insert(key, Arc::new(sandbox));
+    }
+    Ok(sandboxes)
 }
 
 struct Executor<'a> {
@@ -368,6 +423,8 @@ struct Executor<'a> {
     providers: std::sync::Mutex<HashMap<String, Arc<dyn crate::llm::Provider>>>,
     /// Tasks whose last journaled attempt failed: their agent conversations start afresh.
     rerun: HashSet<String>,
+    /// Container sandboxes by profile (its JSON text).
+    sandboxes: HashMap<String, Arc<crate::sandbox::DockerSandbox>>,
 }
 
 type WorkFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -1002,6 +1059,7 @@ impl Executor<'_> {
                     command,
                     env: vars,
                     workdir: self.workspace.clone(),
+                    sandbox: self.sandbox_for(&decl.sandbox)?,
                 }
             }
             TaskKind::Script { source } => {
@@ -1051,7 +1109,14 @@ impl Executor<'_> {
                 match decl {
                     // A declared tool runs like an agent's tool call (Lua tools get `ctx`).
                     Some(_) => Work::CustomTool {
-                        env: self.tool_env(&m.nodes[n].key, std::slice::from_ref(tool))?,
+                        env: {
+                            let mut env =
+                                self.tool_env(&m.nodes[n].key, std::slice::from_ref(tool))?;
+                            env.sandbox = self
+                                .sandbox_for(&self.wf.tasks[m.nodes[n].decl].sandbox)
+                                .ok();
+                            env
+                        },
                         name: tool.clone(),
                         args,
                     },
@@ -1147,6 +1212,7 @@ impl Executor<'_> {
                     run_tokens: self.run_tokens.clone(),
                     secrets: self.secrets.clone(),
                     task_token_budget: *token_budget,
+                    sandbox: self.sandbox_for(&decl.sandbox).ok(),
                     progress: self.opts.stream.then(|| {
                         let tx = self.tx.clone();
                         Arc::new(move |detail: String| {
@@ -1293,6 +1359,24 @@ impl Executor<'_> {
     }
 
     /// What tools called for this task can reach.
+    /// Where a task's commands run.
+    fn sandbox_for(
+        &self,
+        choice: &crate::workflow::SandboxChoice,
+    ) -> Result<Arc<dyn crate::sandbox::Sandbox>, String> {
+        match choice {
+            crate::workflow::SandboxChoice::Host => Ok(Arc::new(crate::sandbox::HostSandbox)),
+            crate::workflow::SandboxChoice::Profile(profile) => self
+                .sandboxes
+                .get(&profile.to_string())
+                .map(|s| Arc::clone(s) as Arc<dyn crate::sandbox::Sandbox>)
+                .ok_or_else(|| "the task's container sandbox was not started".to_string()),
+            crate::workflow::SandboxChoice::Unset => {
+                Err("the task has no sandbox (`sandbox: host` or a profile)".into())
+            }
+        }
+    }
+
     fn tool_env(&self, key: &str, tools: &[String]) -> Result<crate::agents::ToolEnv, String> {
         Ok(crate::agents::ToolEnv {
             workspace: self.workspace.clone(),
@@ -1305,6 +1389,7 @@ impl Executor<'_> {
                 .into_iter()
                 .map(|(s, t)| (s.name, t))
                 .collect(),
+            sandbox: None,
         })
     }
 
@@ -1368,7 +1453,10 @@ impl Executor<'_> {
             ),
             None => (None, String::new()),
         };
-        let env = self.tool_env(&key, &decl.tools)?;
+        let mut env = self.tool_env(&key, &decl.tools)?;
+        env.sandbox = self
+            .sandbox_for(&self.wf.tasks[m.nodes[n].decl].sandbox)
+            .ok();
         let specs = crate::agents::agent_tools(&self.wf, &decl.tools)?
             .into_iter()
             .map(|(s, _)| s)

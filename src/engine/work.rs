@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value as Json;
 
 use super::executor::{run_child, ExecOptions};
-use crate::sandbox::{ExecRequest, HostSandbox, Sandbox};
+use crate::sandbox::{ExecRequest, Sandbox};
 use crate::scripting::{self, Limits, ScriptErrorKind, ScriptSource};
 use crate::tools::{self, ToolContext};
 use crate::workflow::units::human_duration;
@@ -23,6 +23,7 @@ pub enum Work {
         command: String,
         env: Vec<(String, String)>,
         workdir: PathBuf,
+        sandbox: std::sync::Arc<dyn Sandbox>,
     },
     Script {
         source: ScriptSource,
@@ -93,8 +94,9 @@ pub async fn perform(work: Work, cancel: Arc<AtomicBool>) -> Finished {
             command,
             env,
             workdir,
+            sandbox,
         } => {
-            let (result, logs) = run_command(command, env, workdir).await;
+            let (result, logs) = run_command(&*sandbox, command, env, workdir).await;
             Finished {
                 result,
                 logs,
@@ -165,6 +167,7 @@ pub async fn perform(work: Work, cancel: Arc<AtomicBool>) -> Finished {
 }
 
 async fn run_command(
+    sandbox: &dyn Sandbox,
     command: String,
     env: Vec<(String, String)>,
     workdir: PathBuf,
@@ -176,7 +179,7 @@ async fn run_command(
         timeout: None,
         output_limit: OUTPUT_LIMIT,
     };
-    let out = match HostSandbox.exec(request).await {
+    let out = match sandbox.exec(request).await {
         Ok(out) => out,
         Err(e) => {
             return (
@@ -197,20 +200,29 @@ async fn run_command(
         "stdout": out.stdout,
         "stderr": out.stderr,
     });
-    let result = match (out.exit_code, out.signal) {
-        (Some(0), _) => Ok(value),
-        (Some(code), _) => Err(WorkError {
-            class: ErrorClass::ExitCode,
-            message: exit_message(&format!("exit code {code}"), &out.stderr),
-        }),
-        (None, Some(sig)) => Err(WorkError {
-            class: ErrorClass::ExitCode,
-            message: exit_message(&format!("killed by signal {sig}"), &out.stderr),
-        }),
-        (None, None) => Err(WorkError {
-            class: ErrorClass::ExitCode,
-            message: "the command ended without an exit status".into(),
-        }),
+    let failure = match (out.exit_code, out.signal) {
+        (Some(0), _) => None,
+        (Some(code), _) => Some(format!("exit code {code}")),
+        (None, Some(sig)) => Some(format!("killed by signal {sig}")),
+        (None, None) => Some("the command ended without an exit status".to_string()),
+    };
+    let result = match failure {
+        None => Ok(value),
+        Some(what) => {
+            // A limit the sandbox saw says more than the signal it killed with.
+            let what = match &out.limit {
+                Some(limit) => format!("{what}, {limit}"),
+                None => what,
+            };
+            Err(WorkError {
+                class: if out.timed_out {
+                    ErrorClass::Timeout
+                } else {
+                    ErrorClass::ExitCode
+                },
+                message: exit_message(&what, &out.stderr),
+            })
+        }
     };
     (result, logs)
 }

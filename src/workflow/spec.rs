@@ -213,6 +213,12 @@ pub const SANDBOX_KEYS: &[Key] = &[
         Ty::Size,
         "Bytes of stdout/stderr kept per command (default 1MiB).",
     ),
+    key("tmp", Ty::Size, "Size of the /tmp tmpfs (default 64MiB)."),
+    key(
+        "pool",
+        Ty::PosInt,
+        "Containers started ahead of time, each used for one command (default 2).",
+    ),
 ];
 
 pub const BUDGET_KEYS: &[Key] = &[

@@ -1133,19 +1133,20 @@ impl<'a> Cx<'a> {
             );
             return SandboxChoice::Unset;
         }
+        let reported = self.report.diagnostics.len();
         let Some(f) = self.fields(node, "`sandbox`", spec::SANDBOX_KEYS) else {
             return SandboxChoice::Unset;
         };
         for (name, _, v) in &f.entries {
             let what = format!("`sandbox.{name}`");
             match *name {
-                "memory" | "output_limit" => {
+                "memory" | "output_limit" | "tmp" => {
                     self.size(v, &what);
                 }
                 "timeout" => {
                     self.duration(v, &what);
                 }
-                "pids" => {
+                "pids" | "pool" => {
                     self.positive(v, &what);
                 }
                 "cpus" => {
@@ -1170,7 +1171,20 @@ impl<'a> Cx<'a> {
                 }
             }
         }
-        SandboxChoice::Profile(node.to_json())
+        let profile = node.to_json();
+        // What the key checks above did not already report (mount shapes, for one).
+        let checked = self.report.diagnostics.len() == reported;
+        if let (true, Err(message)) = (
+            checked,
+            crate::sandbox::Profile::from_json(&profile, Path::new(".")),
+        ) {
+            self.err(
+                Code::InvalidValue,
+                node.pos,
+                format!("sandbox profile: {message}"),
+            );
+        }
+        SandboxChoice::Profile(profile)
     }
 
     fn env_decl(&mut self, node: &Node) -> IndexMap<String, Option<String>> {
@@ -1347,10 +1361,18 @@ impl<'a> Cx<'a> {
             continue_on_error: false,
             concurrency: None,
             output: None,
-            sandbox: f
-                .get("sandbox")
-                .map(|n| self.sandbox(n))
-                .unwrap_or(inherited_sandbox),
+            // A task's profile mapping overrides keys of the profile it inherits.
+            sandbox: match (f.get("sandbox").map(|n| self.sandbox(n)), inherited_sandbox) {
+                (None, inherited) => inherited,
+                (
+                    Some(SandboxChoice::Profile(Json::Object(own))),
+                    SandboxChoice::Profile(Json::Object(mut base)),
+                ) => {
+                    base.extend(own);
+                    SandboxChoice::Profile(Json::Object(base))
+                }
+                (Some(own), _) => own,
+            },
             kind: TaskKind::Group,
         };
         if let Some(n) = f.get("needs") {
@@ -1551,6 +1573,24 @@ impl<'a> Cx<'a> {
                 );
             }
         }
+        let sandbox_tool = w.agents.get(&agent).and_then(|a| {
+            a.tools
+                .iter()
+                .find(|t| crate::agents::SANDBOX_TOOLS.contains(&t.as_str()))
+        });
+        if let (Some(tool), SandboxChoice::Unset) = (sandbox_tool, &w.tasks[ix].sandbox) {
+            self.err(
+                Code::NoSandbox,
+                n.pos,
+                format!(
+                    "agent task `{}` gives `{agent}` the tool `{tool}`, but the task has no sandbox",
+                    w.tasks[ix].id
+                ),
+            )
+            .help = Some(
+                "declare a `sandbox:` profile (e.g. `sandbox: { image: helix-sandbox-python }`) on the workflow or the task, or `sandbox: host` to run commands as host processes".into(),
+            );
+        }
         let token_budget = f.get("budget").and_then(|n| self.token_budget(n));
         Some(TaskKind::Agent {
             agent,
@@ -1575,10 +1615,7 @@ impl<'a> Cx<'a> {
                 self.err(Code::NoSandbox, n.pos, format!("`run` task `{}` has no sandbox", w.tasks[ix].id))
                     .help = Some("add `sandbox: host` to the task or the workflow to run it as a host process (an explicit opt-in)".into());
             }
-            SandboxChoice::Profile(_) => {
-                self.err(Code::NoSandbox, n.pos, format!("`run` task `{}` asks for a container sandbox, which this build cannot provide yet", w.tasks[ix].id))
-                    .help = Some("use `sandbox: host` to run it as a host process explicitly".into());
-            }
+            SandboxChoice::Profile(_) => {}
         }
         let mut env = IndexMap::new();
         if let Some(e) = f.get("env") {
