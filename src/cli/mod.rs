@@ -6,6 +6,7 @@
 mod init;
 mod plan;
 mod runs;
+mod sandbox;
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -112,6 +113,11 @@ enum Command {
         #[command(subcommand)]
         command: Option<runs::RunsCommand>,
     },
+    /// Sandbox images, checks and orphan cleanup.
+    Sandbox {
+        #[command(subcommand)]
+        command: sandbox::SandboxCommand,
+    },
     /// Print the JSON Schema of the workflow format.
     Schema,
     /// Explain an error code, e.g. `helix explain HX0010`.
@@ -155,6 +161,7 @@ pub fn main() -> i32 {
         Command::Runs { command } => {
             runs::runs(command.unwrap_or(runs::RunsCommand::List { limit: 20 }))
         }
+        Command::Sandbox { command } => sandbox::sandbox(command),
         Command::Schema => {
             println!(
                 "{}",
