@@ -5,7 +5,7 @@
 
 mod llm_support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -301,4 +301,21 @@ fn validation_refuses_sandbox_tools_without_a_sandbox_and_bad_mounts() {
         said.contains("the container path must be absolute"),
         "{said}"
     );
+}
+
+#[test]
+fn the_sandbox_example_workflow_runs_its_tests_in_a_container() {
+    if !docker_ready("the_sandbox_example_workflow_runs_its_tests_in_a_container") {
+        return;
+    }
+    let p = Project::new();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/sandbox-tests.yaml");
+    let out = p.run(&["apply", example.to_str().expect("path")], None);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = p.task("pytest").output.expect("output")["stdout"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(stdout.contains("1 passed"), "{stdout}");
+    assert!(containers_of(&p.run_id()).is_empty(), "containers left");
 }

@@ -203,6 +203,13 @@ fn sandbox_text(s: &SandboxChoice) -> String {
     match s {
         SandboxChoice::Unset => "none declared".into(),
         SandboxChoice::Host => "host processes (explicit opt-in)".into(),
-        SandboxChoice::Profile(p) => format!("container {p}"),
+        SandboxChoice::Profile(p) => {
+            match crate::sandbox::Profile::from_json(p, std::path::Path::new(".")) {
+                Ok(profile) => {
+                    format!("{}, runs as {}", profile.summary(), profile.user_for_host())
+                }
+                Err(e) => format!("container profile (invalid: {e})"),
+            }
+        }
     }
 }
