@@ -164,6 +164,9 @@ fn tool_env(dir: &Path, rhai: &Path, lua: &Path) -> ToolEnv {
         task: "bench".into(),
         http_allow: Vec::new(),
         tools,
+        sandbox: None,
+        memory: None,
+        agent: String::new(),
     }
 }
 

@@ -11,6 +11,7 @@ pub mod diagnostic;
 pub mod engine;
 pub mod events;
 pub mod llm;
+pub mod memory;
 pub mod prompt;
 pub mod sandbox;
 pub mod scripting;

@@ -85,6 +85,7 @@ fn context(
         }),
         log: Arc::new(move |line| logs.lock().expect("logs").push(line.to_string())),
         usage: seen.usage.clone(),
+        memory: None,
     };
     (cx, seen)
 }

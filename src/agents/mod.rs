@@ -16,6 +16,7 @@ use crate::llm::{ChatRequest, Message, Provider, Role, ToolCall, ToolSpec, Usage
 use crate::store::Journal;
 use crate::tools::{self, ToolContext};
 
+pub mod memory;
 mod sandbox_tools;
 pub use sandbox_tools::{test_counts, TestCounts};
 
@@ -41,6 +42,10 @@ pub enum AgentTool {
     /// `sandbox.exec` / `sandbox.test`: commands in the task's sandbox.
     Sandbox {
         test: bool,
+    },
+    /// `memory.search` / `memory.store`: the run's long-term memory.
+    Memory {
+        store: bool,
     },
 }
 
@@ -79,6 +84,62 @@ pub struct AgentJob {
     pub task_token_budget: Option<u64>,
     /// Where `sandbox.exec` and `sandbox.test` run commands.
     pub sandbox: Option<Arc<dyn crate::sandbox::Sandbox>>,
+    /// The run's long-term memory, when the workflow has one.
+    pub memory: Option<Arc<memory::RunMemory>>,
+    /// How `system` was made, to make it again with recalled memories.
+    pub system_prompt: SystemPrompt,
+    /// The error of the attempt before this one, for an `error_resolution` lesson.
+    pub earlier_error: Option<String>,
+}
+
+/// An agent's system prompt before rendering: its template (or the default text) and the
+/// variables it sees.
+pub struct SystemPrompt {
+    template: Option<crate::workflow::PromptRef>,
+    dir: PathBuf,
+    context: Json,
+    default: String,
+}
+
+impl SystemPrompt {
+    /// The prompt with `memory` as `{{ memory }}`; the default prompt lists the memories
+    /// itself.
+    pub fn render(&self, memory: &[Json]) -> Result<String, String> {
+        use crate::workflow::PromptRef;
+        let mut context = self.context.clone();
+        context["memory"] = Json::Array(memory.to_vec());
+        match &self.template {
+            Some(PromptRef::File(path)) => {
+                let dir = path.parent().unwrap_or(&self.dir);
+                let env = crate::prompt::environment(Some(dir));
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default();
+                env.get_template(name)
+                    .and_then(|t| t.render(&context))
+                    .map_err(|e| format!("system prompt {}: {e}", path.display()))
+            }
+            Some(PromptRef::Inline(text)) => {
+                let env = crate::prompt::environment(Some(&self.dir));
+                crate::prompt::render(&env, text, &context)
+                    .map_err(|e| format!("system prompt: {e}"))
+            }
+            None if memory.is_empty() => Ok(self.default.clone()),
+            None => {
+                let mut text = self.default.clone();
+                text.push_str(
+                    "\n\nRecalled memory (notes from earlier runs, most relevant first; they can be stale):",
+                );
+                for m in memory {
+                    let kind = m["kind"].as_str().unwrap_or_default();
+                    let note = m["text"].as_str().unwrap_or_default();
+                    text.push_str(&format!("\n- [{kind}] {note}"));
+                }
+                Ok(text)
+            }
+        }
+    }
 }
 
 /// Receives live detail ("turn 2 · 1.2k chars") while a call streams.
@@ -113,7 +174,41 @@ impl AgentError {
 }
 
 /// Runs the conversation to its end.
-pub async fn run(job: AgentJob) -> Result<AgentOutcome, AgentError> {
+/// Runs an agent task: recalls memories into its system prompt, holds the conversation,
+/// and distils its lesson into memory when the workflow asks for that.
+pub async fn run(mut job: AgentJob) -> Result<AgentOutcome, AgentError> {
+    if let Some(memory) = job.memory.clone() {
+        let memories = memory
+            .recall(&job.prompt)
+            .await
+            .map_err(|e| AgentError::new(format!("memory: {e}")))?;
+        if !memories.is_empty() {
+            job.system = job
+                .system_prompt
+                .render(&memories)
+                .map_err(AgentError::new)?;
+        }
+    }
+    let mut outcome = converse(&job).await?;
+    if let Some(memory) = job.memory.as_deref().filter(|m| m.config.synthesize) {
+        let finished = memory::Finished {
+            agent: &job.agent,
+            task: &job.task,
+            model: &job.model,
+            prompt: &job.prompt,
+            answer: &outcome.output,
+            earlier_error: job.earlier_error.as_deref(),
+        };
+        // A lesson that cannot be had costs the task nothing but the note.
+        match memory::synthesize(memory, job.provider.as_ref(), finished).await {
+            Ok(usage) => outcome.usage.add(usage),
+            Err(e) => eprintln!("warning: task `{}`: {e}", job.task),
+        }
+    }
+    Ok(outcome)
+}
+
+async fn converse(job: &AgentJob) -> Result<AgentOutcome, AgentError> {
     let journal_err = |e: crate::store::JournalError| AgentError::new(format!("journal: {e}"));
     // Continue a conversation an earlier session journaled. The connection is taken in a
     // block of its own: it must never be held across an await.
@@ -142,7 +237,7 @@ pub async fn run(job: AgentJob) -> Result<AgentOutcome, AgentError> {
     };
     if messages.is_empty() {
         messages.push(Message::user(job.prompt.clone()));
-        append(&job, &messages, Usage::default()).map_err(journal_err)?;
+        append(job, &messages, Usage::default()).map_err(journal_err)?;
     }
     let mut turn = messages
         .iter()
@@ -151,7 +246,7 @@ pub async fn run(job: AgentJob) -> Result<AgentOutcome, AgentError> {
     let mut repairs = 0;
     let mut recent_calls: Vec<String> = Vec::new();
     let specs: Vec<ToolSpec> = job.tools.iter().map(|(s, _)| s.clone()).collect();
-    let env = ToolEnv::of(&job);
+    let env = ToolEnv::of(job);
 
     // A journaled conversation may end with tool calls whose results were not journaled yet.
     if let Some(last) = messages
@@ -162,7 +257,7 @@ pub async fn run(job: AgentJob) -> Result<AgentOutcome, AgentError> {
         for call in calls {
             let result = call_tool(&env, &call).await;
             messages.push(Message::tool_result(call.id.clone(), result));
-            append(&job, &messages, Usage::default()).map_err(journal_err)?;
+            append(job, &messages, Usage::default()).map_err(journal_err)?;
         }
     }
 
@@ -170,12 +265,12 @@ pub async fn run(job: AgentJob) -> Result<AgentOutcome, AgentError> {
         if let Some(last) = messages.last() {
             if last.role == Role::Assistant && last.tool_calls.is_empty() {
                 // The conversation already ended with an answer (resumed after journaling it).
-                match finish(&job, &last.content) {
+                match finish(job, &last.content) {
                     Ok(output) => return Ok(AgentOutcome { output, usage, turns: turn }),
                     Err(problems) if repairs < MAX_REPAIRS => {
                         repairs += 1;
                         messages.push(Message::user(repair_prompt(&problems)));
-                        append(&job, &messages, Usage::default()).map_err(journal_err)?;
+                        append(job, &messages, Usage::default()).map_err(journal_err)?;
                     }
                     Err(problems) => {
                         return Err(AgentError::new(format!(
@@ -278,7 +373,7 @@ pub async fn run(job: AgentJob) -> Result<AgentOutcome, AgentError> {
             reply.content.clone(),
             reply.tool_calls.clone(),
         ));
-        append(&job, &messages, reply.usage).map_err(journal_err)?;
+        append(job, &messages, reply.usage).map_err(journal_err)?;
 
         for call in &reply.tool_calls {
             let signature = format!("{} {}", call.name, call.arguments);
@@ -296,7 +391,7 @@ pub async fn run(job: AgentJob) -> Result<AgentOutcome, AgentError> {
             }
             let result = call_tool(&env, call).await;
             messages.push(Message::tool_result(call.id.clone(), result));
-            append(&job, &messages, Usage::default()).map_err(journal_err)?;
+            append(job, &messages, Usage::default()).map_err(journal_err)?;
         }
     }
 }
@@ -420,6 +515,9 @@ pub struct ToolEnv {
     pub http_allow: Vec<String>,
     pub tools: HashMap<String, AgentTool>,
     pub sandbox: Option<Arc<dyn crate::sandbox::Sandbox>>,
+    pub memory: Option<Arc<memory::RunMemory>>,
+    /// Who stores memories, for their provenance.
+    pub agent: String,
 }
 
 impl ToolEnv {
@@ -437,6 +535,8 @@ impl ToolEnv {
                 .map(|(s, t)| (s.name.clone(), t.clone()))
                 .collect(),
             sandbox: job.sandbox.clone(),
+            memory: job.memory.clone(),
+            agent: job.agent.clone(),
         }
     }
 }
@@ -494,6 +594,7 @@ pub async fn invoke(env: &ToolEnv, name: &str, args: &Json) -> Result<Json, Stri
         Some(AgentTool::Http) => http_request(&env.http_allow, args).await,
         Some(AgentTool::Sandbox { test: false }) => sandbox_tools::exec(env, args).await,
         Some(AgentTool::Sandbox { test: true }) => sandbox_tools::test(env, args).await,
+        Some(AgentTool::Memory { store }) => memory::tool(env, *store, args).await,
         Some(AgentTool::Script { path, params }) => {
             run_script_tool(env, name, path, params, args).await
         }
@@ -571,6 +672,8 @@ pub struct JobParts<'a> {
     pub secrets: Vec<String>,
     pub task_token_budget: Option<u64>,
     pub sandbox: Option<Arc<dyn crate::sandbox::Sandbox>>,
+    pub memory: Option<Arc<memory::RunMemory>>,
+    pub earlier_error: Option<String>,
 }
 
 /// The tools named in an agent's `tools:`, with the schemas the model sees.
@@ -589,6 +692,10 @@ pub fn agent_tools(
                 },
             )),
             None if name == "http.request" => tools.push((http_spec(), AgentTool::Http)),
+            None if name == "memory.search" || name == "memory.store" => {
+                let store = name == "memory.store";
+                tools.push((memory::tool_spec(store), AgentTool::Memory { store }));
+            }
             None if name == "sandbox.exec" => {
                 tools.push((
                     sandbox_tools::exec_spec(),
@@ -615,7 +722,6 @@ pub fn agent_tools(
 
 /// Renders the agent's system prompt and collects its tools and model settings.
 pub fn build_job(parts: JobParts) -> Result<AgentJob, String> {
-    use crate::workflow::PromptRef;
     let wf = parts.workflow;
     let decl = wf
         .agents
@@ -650,22 +756,13 @@ pub fn build_job(parts: JobParts) -> Result<AgentJob, String> {
     if let Some(schema) = &parts.output_schema {
         context["task"]["output_schema"] = schema.clone();
     }
-    let system = match &decl.prompt {
-        Some(PromptRef::File(path)) => {
-            let dir = path.parent().unwrap_or(&wf.dir);
-            let env = crate::prompt::environment(Some(dir));
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
-            env.get_template(name)
-                .and_then(|t| t.render(&context))
-                .map_err(|e| format!("system prompt {}: {e}", path.display()))?
-        }
-        Some(PromptRef::Inline(text)) => crate::prompt::render(&env, text, &context)
-            .map_err(|e| format!("system prompt: {e}"))?,
-        None => default_system_prompt(&role, goal.as_deref(), parts.output_schema.as_ref()),
+    let system_prompt = SystemPrompt {
+        template: decl.prompt.clone(),
+        dir: wf.dir.clone(),
+        context,
+        default: default_system_prompt(&role, goal.as_deref(), parts.output_schema.as_ref()),
     };
+    let system = system_prompt.render(&[])?;
     let settings = &model.settings;
     Ok(AgentJob {
         agent: parts.agent.to_string(),
@@ -698,6 +795,9 @@ pub fn build_job(parts: JobParts) -> Result<AgentJob, String> {
             (a, b) => a.or(b),
         },
         sandbox: parts.sandbox,
+        memory: parts.memory,
+        system_prompt,
+        earlier_error: parts.earlier_error,
     })
 }
 
@@ -722,6 +822,8 @@ pub const AGENT_TOOLS: &[&str] = &[
     "http.request",
     "sandbox.exec",
     "sandbox.test",
+    "memory.search",
+    "memory.store",
 ];
 
 /// Tools that run commands in the task's sandbox.
@@ -892,7 +994,8 @@ pub fn script_context(
     };
     let env = Arc::new(env);
     let call_env = env.clone();
-    let (get_env, set_env, log_env) = (env.clone(), env.clone(), env.clone());
+    let (get_env, set_env, log_env, memory_env) =
+        (env.clone(), env.clone(), env.clone(), env.clone());
     let dir = env.workflow_dir.clone();
     crate::scripting::lua_api::ScriptContext {
         task,
@@ -909,6 +1012,13 @@ pub fn script_context(
         render: Arc::new(move |template, vars| render_for_script(&dir, template, vars)),
         log: Arc::new(move |text| log_env.log(text)),
         usage: Arc::new(std::sync::Mutex::new(Usage::default())),
+        memory: memory_env.memory.is_some().then(|| {
+            Arc::new(move |op: String, args: Json| {
+                let env = memory_env.clone();
+                Box::pin(async move { memory::tool(&env, op == "store", &args).await })
+                    as crate::llm::BoxFuture<'static, Result<Json, String>>
+            }) as crate::scripting::lua_api::ToolCaller
+        }),
     }
 }
 
@@ -1004,6 +1114,8 @@ pub fn builtin_env(env: &ToolEnv) -> ToolEnv {
         http_allow: env.http_allow.clone(),
         tools: builtins.clone(),
         sandbox: None,
+        memory: env.memory.clone(),
+        agent: env.agent.clone(),
     }
 }
 

@@ -4,6 +4,7 @@
 //! approval, 130 interrupted.
 
 mod init;
+mod memory;
 mod plan;
 mod runs;
 mod sandbox;
@@ -113,6 +114,11 @@ enum Command {
         #[command(subcommand)]
         command: Option<runs::RunsCommand>,
     },
+    /// Inspect and manage long-term memory.
+    Memory {
+        #[command(subcommand)]
+        command: memory::MemoryCommand,
+    },
     /// Sandbox images, checks and orphan cleanup.
     Sandbox {
         #[command(subcommand)]
@@ -162,6 +168,7 @@ pub fn main() -> i32 {
             runs::runs(command.unwrap_or(runs::RunsCommand::List { limit: 20 }))
         }
         Command::Sandbox { command } => sandbox::sandbox(command),
+        Command::Memory { command } => memory::memory(command),
         Command::Schema => {
             println!(
                 "{}",

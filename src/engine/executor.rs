@@ -107,6 +107,8 @@ pub enum EngineError {
     /// The workflow needs a container sandbox that cannot be had (no engine, no image).
     #[error("{0}")]
     Sandbox(String),
+    #[error("memory: {0}")]
+    Memory(String),
 }
 
 enum Msg {
@@ -304,7 +306,10 @@ pub async fn execute(
     } else {
         HashSet::new()
     };
-    // Before anything runs: a workflow that needs containers fails here, not midway.
+    // Before anything runs: a workflow whose memory or containers cannot be had fails here,
+    // not midway.
+    let memory = crate::agents::memory::RunMemory::open(&opts.home, &wf, &spec.run_id)
+        .map_err(|e| EngineError::Memory(e.to_string()))?;
     let sandboxes = start_sandboxes(&wf, &workspace, &spec.run_id).await?;
     let (tx, rx) = mpsc::unbounded_channel();
     let mut ex = Executor {
@@ -335,6 +340,8 @@ pub async fn execute(
         scrub,
         rerun,
         sandboxes,
+        memory,
+        last_errors: HashMap::new(),
     };
     let mut machine = Machine::new(&wf, opts.max_parallel, restored_keys);
     let summary = ex.run_loop(&mut machine, rx, spec.resumed).await;
@@ -425,6 +432,10 @@ struct Executor<'a> {
     rerun: HashSet<String>,
     /// Container sandboxes by profile (its JSON text).
     sandboxes: HashMap<String, Arc<crate::sandbox::DockerSandbox>>,
+    /// Long-term memory, when the workflow declares `memory:`.
+    memory: Option<Arc<crate::agents::memory::RunMemory>>,
+    /// The error of each task's latest failed attempt in this session.
+    last_errors: HashMap<String, String>,
 }
 
 type WorkFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -1213,6 +1224,10 @@ impl Executor<'_> {
                     secrets: self.secrets.clone(),
                     task_token_budget: *token_budget,
                     sandbox: self.sandbox_for(&decl.sandbox).ok(),
+                    memory: self.memory.clone(),
+                    earlier_error: (m.nodes[n].attempt > 1)
+                        .then(|| self.last_errors.get(&key).cloned())
+                        .flatten(),
                     progress: self.opts.stream.then(|| {
                         let tx = self.tx.clone();
                         Arc::new(move |detail: String| {
@@ -1296,6 +1311,9 @@ impl Executor<'_> {
                     },
                     other => other,
                 };
+                if let Err(e) = &result {
+                    self.last_errors.insert(key.clone(), e.message.clone());
+                }
                 match (result, plan) {
                     (Ok(_), Some(children)) => {
                         // The plan is durable in the planner's journaled conversation; the
@@ -1390,6 +1408,8 @@ impl Executor<'_> {
                 .map(|(s, t)| (s.name, t))
                 .collect(),
             sandbox: None,
+            memory: self.memory.clone(),
+            agent: String::new(),
         })
     }
 
@@ -1454,6 +1474,7 @@ impl Executor<'_> {
             None => (None, String::new()),
         };
         let mut env = self.tool_env(&key, &decl.tools)?;
+        env.agent = agent.to_string();
         env.sandbox = self
             .sandbox_for(&self.wf.tasks[m.nodes[n].decl].sandbox)
             .ok();

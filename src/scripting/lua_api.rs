@@ -61,6 +61,9 @@ pub struct ScriptContext {
     pub log: Log,
     /// Every `ctx.llm:chat` adds its tokens here.
     pub usage: Arc<Mutex<Usage>>,
+    /// `ctx.memory`: called with `search` or `store` and the tool's arguments (`{query,
+    /// kind, k}` or `{text, kind, metadata}`); `None` when the workflow has no memory.
+    pub memory: Option<ToolCaller>,
 }
 
 /// What a script declares itself to be.
@@ -443,6 +446,17 @@ local function new_context(run)
     __newindex = function(_, key, value) unwrap(run.scratch_set(key, value)) end,
     __metatable = false,
   })
+
+  local memory = {}
+  function memory.search(self, query, options)
+    method_of(memory, self, "ctx.memory:search")
+    return (unwrap(run.memory("search", query, options)))
+  end
+  function memory.store(self, text, options)
+    method_of(memory, self, "ctx.memory:store")
+    return (unwrap(run.memory("store", text, options)))
+  end
+  ctx.memory = memory
 
   function ctx.render(self, template, vars)
     method_of(ctx, self, "ctx:render")
@@ -909,6 +923,18 @@ impl Host {
         )?;
         let host = Arc::clone(self);
         functions.raw_set(
+            "memory",
+            async_host_fn(
+                lua,
+                move |lua, (op, text, options): (String, Value, Value)| {
+                    let call = host.memory_call(&op, &text, &options);
+                    let line = host.budget.line_on_stack(lua);
+                    Arc::clone(&host).call_memory(lua.weak(), call, line)
+                },
+            )?,
+        )?;
+        let host = Arc::clone(self);
+        functions.raw_set(
             "scratch_get",
             host_fn(lua, move |lua, key: Value| host.scratch_get(lua, &key))?,
         )?;
@@ -1158,6 +1184,51 @@ impl Host {
             out["json"] = decoded;
         }
         Ok(lua::json_to_lua(&upgrade(&lua)?, &out, &self.array)?)
+    }
+
+    /// `ctx.memory:search(query, {kind, k})` or `ctx.memory:store(text, {kind, metadata})`,
+    /// checked: the operation and its tool arguments.
+    fn memory_call(&self, op: &str, text: &Value, options: &Value) -> HostResult<(String, Json)> {
+        let api = format!("ctx.memory:{op}");
+        let (field, allowed): (&str, &[&str]) = match op {
+            "search" => ("query", &["kind", "k"]),
+            _ => ("text", &["kind", "metadata"]),
+        };
+        let text = string_arg(text, &format!("{api}: the {field}"), "a string")?;
+        let mut args = match options {
+            Value::Nil => Map::new(),
+            Value::Table(table) => {
+                check_fields(&api, table, allowed)?;
+                match lua::lua_to_json(options, &self.array, 0)
+                    .map_err(|e| Fault::Complaint(format!("{api}: {e}")))?
+                {
+                    Json::Object(map) => map,
+                    _ => Map::new(),
+                }
+            }
+            other => return Err(wrong_type(&format!("{api}: the options"), "a table", other)),
+        };
+        args.insert(field.into(), Json::String(text));
+        Ok((op.to_string(), Json::Object(args)))
+    }
+
+    async fn call_memory(
+        self: Arc<Self>,
+        lua: WeakLua,
+        call: HostResult<(String, Json)>,
+        line: Option<u32>,
+    ) -> HostResult {
+        let (op, args) = call?;
+        let memory = self.cx().memory.clone().ok_or_else(|| {
+            Fault::Complaint(format!(
+                "ctx.memory:{op}: this workflow has no `memory:`; declare one to use memory"
+            ))
+        })?;
+        let result = self
+            .unless_stopped(line, memory(op.clone(), args))
+            .await?
+            .map_err(|e| Fault::Complaint(format!("ctx.memory:{op}: {e}")))?;
+        Ok(lua::json_to_lua(&upgrade(&lua)?, &result, &self.array)?)
     }
 
     async fn call_tool(

@@ -275,7 +275,16 @@ pub const MEMORY_KEYS: &[Key] = &[
         Ty::Bool,
         "Store a lesson after each agent task.",
     ),
-    key("embedder", Ty::Str, "Embedder name."),
+    key(
+        "embedder",
+        Ty::Str,
+        "`builtin` (the offline embedder, default) or a model under `models:` serving OpenAI-compatible /v1/embeddings.",
+    ),
+    key(
+        "dimensions",
+        Ty::PosInt,
+        "Vector dimension (default 384); must match the embedder's.",
+    ),
 ];
 
 pub const RECALL_KEYS: &[Key] = &[

@@ -554,7 +554,22 @@ impl<'a> Cx<'a> {
             .map(|n| self.history(n))
             .unwrap_or_default();
         let memory = fields.get("memory").map(|n| {
-            self.fields(n, "`memory`", spec::MEMORY_KEYS);
+            if let Some(f) = self.fields(n, "`memory`", spec::MEMORY_KEYS) {
+                if let Some(e) = f.get("embedder") {
+                    let name = self.string(e, "`memory.embedder`");
+                    if let Some(name) = name.filter(|n| n != "builtin" && !models.contains_key(n)) {
+                        self.err(
+                            Code::UnknownName,
+                            e.pos,
+                            format!("`memory.embedder` names model `{name}`, which is not declared under `models:`"),
+                        )
+                        .help = Some("use `builtin` (the offline embedder) or declare the embedding model under `models:`".into());
+                    }
+                }
+                if let Some(d) = f.get("dimensions") {
+                    self.positive(d, "`memory.dimensions`");
+                }
+            }
             n.to_json()
         });
         let concurrency = fields
