@@ -352,6 +352,62 @@ async fn a_tool_outside_the_agents_tools_is_refused_by_name() {
 }
 
 #[tokio::test]
+async fn ctx_memory_searches_and_stores_through_the_host() {
+    let code = r#"return helix.agent {
+  run = function(task, ctx)
+    local hits = ctx.memory:search("flaky tests", { k = 2, kind = "fact" })
+    local stored = ctx.memory:store("Retry flaky tests once.", { metadata = { area = "ci" } })
+    local ok, err = pcall(ctx.memory.search, ctx.memory, "x", { top = 3 })
+    return { first = hits[1].text, stored = stored, refused = err }
+  end,
+}
+"#;
+    let calls: Arc<Mutex<Vec<(String, Json)>>> = Arc::default();
+    let seen_calls = calls.clone();
+    let (tools, call) = no_tools();
+    let (mut cx, _) = context(task("t"), None, tools, call);
+    cx.memory = Some(Arc::new(move |op: String, args: Json| {
+        seen_calls.lock().expect("calls").push((op.clone(), args));
+        let answer = if op == "search" {
+            json!([{ "id": 7, "kind": "fact", "text": "CI retries are off.", "score": 0.8 }])
+        } else {
+            json!({ "stored": true, "id": 8 })
+        };
+        Box::pin(async move { Ok(answer) })
+    }));
+    let output =
+        expect_ok(run_agent(&script("scripts/mem.lua", code), cx, &Limits::default()).await);
+    assert_eq!(output["first"], json!("CI retries are off."));
+    assert_eq!(output["stored"], json!({ "stored": true, "id": 8 }));
+    let refused = output["refused"].as_str().unwrap_or_default();
+    assert!(refused.contains("ctx.memory:search"), "{refused}");
+    assert!(refused.contains("top"), "{refused}");
+    assert_eq!(
+        *calls.lock().expect("calls"),
+        [
+            (
+                "search".to_string(),
+                json!({ "query": "flaky tests", "k": 2, "kind": "fact" })
+            ),
+            (
+                "store".to_string(),
+                json!({ "text": "Retry flaky tests once.", "metadata": { "area": "ci" } })
+            ),
+        ]
+    );
+
+    // Without `memory:` in the workflow, the call says so.
+    let (tools, call) = no_tools();
+    let (cx, _) = context(task("t"), None, tools, call);
+    let code = "return helix.agent { run = function(task, ctx) return ctx.memory:search('x') end }";
+    let error = expect_error(
+        run_agent(&script("scripts/mem.lua", code), cx, &Limits::default()).await,
+        ScriptErrorKind::Runtime,
+    );
+    assert!(error.to_string().contains("has no `memory:`"), "{error}");
+}
+
+#[tokio::test]
 async fn the_scratchpad_reads_and_writes_through_the_host() {
     let (tools, call) = no_tools();
     let (cx, seen) = context(task("t"), None, tools, call);

@@ -253,9 +253,49 @@ function Llm:chat(request) end
 ---stores one. Values are JSON and kept in the run's journal per task, so they survive
 ---`helix resume` and retries. A read gives a copy: change a table, then assign it again.
 ---@field scratch table<string, any>
----Long-term memory (not available yet; may change).
----@field memory any
+---Long-term memory, when the workflow declares `memory:` (calling it otherwise raises).
+---@field memory helix.Memory
 local Context = {}
+
+---@class helix.MemorySearchOptions
+---Only memories of this kind (task_summary, error_resolution, fact, or your own).
+---@field kind? string
+---How many (default 5, at most 50).
+---@field k? integer
+
+---@class helix.MemoryHit
+---@field id integer
+---@field kind string
+---@field text string
+---Cosine similarity to the query (1 is identical).
+---@field score number
+---@field metadata table<string, any>
+
+---@class helix.MemoryStoreOptions
+---Default "fact".
+---@field kind? string
+---@field metadata? table<string, any>
+
+---@class helix.MemoryStored
+---False when a near-identical memory of the kind was already there.
+---@field stored boolean
+---@field id? integer
+---@field duplicate_of? integer
+
+---@class helix.Memory
+local Memory = {}
+
+---Searches long-term memory by meaning: `ctx.memory:search("flaky tests", { k = 3 })`.
+---@param query string
+---@param options? helix.MemorySearchOptions
+---@return helix.MemoryHit[]
+function Memory:search(query, options) end
+
+---Stores a memory with this run, task and agent as its provenance.
+---@param text string
+---@param options? helix.MemoryStoreOptions
+---@return helix.MemoryStored
+function Memory:store(text, options) end
 
 ---Calls a tool by name; the same as `ctx.tools[name](args)`.
 ---@param name string
