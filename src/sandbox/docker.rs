@@ -21,6 +21,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -59,6 +60,8 @@ const FLOOD_FACTOR: u64 = 16;
 const MIN_FLOOD_BYTES: u64 = 64 << 20;
 /// Entries of the workspace given to the sandbox user per command, at most (helix as root).
 const MAX_CHOWN_ENTRIES: usize = 100_000;
+/// How long `close` waits for container starts and removals still in flight.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
 
 /// Network access of a profile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -369,7 +372,9 @@ struct Inner {
     ready_tx: mpsc::Sender<Result<String, String>>,
     /// Every container this sandbox created and has not removed yet.
     live: Mutex<HashSet<String>>,
-    closed: std::sync::atomic::AtomicBool,
+    /// Container starts and removals running in the background; `close` waits for them.
+    in_flight: Arc<AtomicUsize>,
+    closed: AtomicBool,
 }
 
 impl DockerSandbox {
@@ -421,6 +426,7 @@ impl DockerSandbox {
             ready: tokio::sync::Mutex::new(ready),
             ready_tx,
             live: Mutex::default(),
+            in_flight: Arc::default(),
             closed: false.into(),
         });
         for _ in 0..inner.profile.pool.max(1) {
@@ -433,14 +439,23 @@ impl DockerSandbox {
         &self.inner.profile
     }
 
-    /// Removes every container this sandbox still has; later commands fail.
+    /// Removes every container this sandbox still has, and waits for those still starting or
+    /// being removed in the background: a process that exits right after leaves none behind.
+    /// Later commands fail.
     pub async fn close(&self) {
-        self.inner
-            .closed
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let ids: Vec<String> = self.inner.live().drain().collect();
-        for id in ids {
-            let _ = remove(&self.inner.docker, &id).await;
+        let inner = &self.inner;
+        inner.closed.store(true, Ordering::SeqCst);
+        let give_up = Instant::now() + CLOSE_WAIT;
+        loop {
+            let ids: Vec<String> = inner.live().drain().collect();
+            for id in ids {
+                let _ = remove(&inner.docker, &id).await;
+            }
+            let settled = inner.in_flight.load(Ordering::SeqCst) == 0 && inner.live().is_empty();
+            if settled || Instant::now() >= give_up {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -473,13 +488,15 @@ impl Inner {
     }
 
     fn is_closed(&self) -> bool {
-        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// Starts one container in the background and hands it to the pool.
     fn refill(inner: &Arc<Inner>) {
         let inner = Arc::clone(inner);
+        let in_flight = InFlight::new(&inner.in_flight);
         tokio::spawn(async move {
+            let _in_flight = in_flight;
             let started = inner.start_container().await;
             if inner.is_closed() {
                 if let Ok(id) = started {
@@ -566,7 +583,9 @@ impl Inner {
     fn discard(&self, id: String) {
         self.live().remove(&id);
         let docker = self.docker.clone();
+        let in_flight = InFlight::new(&self.in_flight);
         tokio::spawn(async move {
+            let _in_flight = in_flight;
             let _ = remove(&docker, &id).await;
         });
     }
@@ -699,6 +718,8 @@ impl Inner {
         }
         drop(output);
 
+        // Read before a kill: the container's cgroup, and its counters, go with its processes.
+        let counters = self.counters(id).await;
         let (exit_code, signal) = match ended {
             Ended::Exited => {
                 let inspect = self
@@ -727,7 +748,6 @@ impl Inner {
                 (None, Some(libc::SIGKILL))
             }
         };
-        let counters = self.counters(id).await;
         let limit_hit = self.limit_reached(ended, counters, limit, timeout);
         let (stdout_truncated, stderr_truncated) = (stdout.truncated, stderr.truncated);
         Ok(ExecOutput {
@@ -816,6 +836,22 @@ enum Ended {
     Exited,
     TimedOut,
     Flooded,
+}
+
+/// One background start or removal, counted while it lives (also when its task is dropped).
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::SeqCst);
+        InFlight(Arc::clone(count))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Removes the container when the command is done with it, however it ends.
