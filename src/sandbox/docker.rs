@@ -374,6 +374,8 @@ struct Inner {
     live: Mutex<HashSet<String>>,
     /// Container starts and removals running in the background; `close` waits for them.
     in_flight: Arc<AtomicUsize>,
+    /// Commands waiting for a container.
+    waiting: AtomicUsize,
     closed: AtomicBool,
 }
 
@@ -427,6 +429,7 @@ impl DockerSandbox {
             ready_tx,
             live: Mutex::default(),
             in_flight: Arc::default(),
+            waiting: AtomicUsize::new(0),
             closed: false.into(),
         });
         for _ in 0..inner.profile.pool.max(1) {
@@ -614,26 +617,35 @@ impl Inner {
         }
     }
 
-    async fn take(self: &Arc<Self>) -> Result<String, SandboxError> {
+    /// A started container, and whether its replacement is still owed to the pool.
+    async fn take(self: &Arc<Self>) -> Result<(String, bool), SandboxError> {
         if self.is_closed() {
             return Err(SandboxError::Docker("the sandbox is closed".into()));
         }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
         let next = self.ready.lock().await.recv().await;
-        // Whatever came, the pool starts the next one now.
-        Inner::refill(self);
+        let others_waiting = self.waiting.fetch_sub(1, Ordering::SeqCst) > 1;
+        // Starting a container slows a command that runs beside it (both load the engine),
+        // so the replacement starts when the command is done, unless other commands are
+        // already waiting for one, or this start failed.
+        let refill_now = others_waiting || !matches!(next, Some(Ok(_)));
+        if refill_now {
+            Inner::refill(self);
+        }
         match next {
-            Some(Ok(id)) => Ok(id),
+            Some(Ok(id)) => Ok((id, !refill_now)),
             Some(Err(message)) => Err(SandboxError::Docker(format!("{message}; {DOCTOR_HINT}"))),
             None => Err(SandboxError::Docker("the sandbox is closed".into())),
         }
     }
 
     async fn exec(self: Arc<Self>, req: ExecRequest) -> Result<ExecOutput, SandboxError> {
-        let id = self.take().await?;
+        let (id, refill_owed) = self.take().await?;
         // The container goes whatever happens, even if this future is dropped midway.
         let guard = Discard {
             inner: &self,
             id: Some(id.clone()),
+            refill_owed,
         };
         let started = Instant::now();
         let result = self.run_in(&id, &req, started).await;
@@ -858,12 +870,17 @@ impl Drop for InFlight {
 struct Discard<'a> {
     inner: &'a Arc<Inner>,
     id: Option<String>,
+    /// Start the container's replacement too.
+    refill_owed: bool,
 }
 
 impl Drop for Discard<'_> {
     fn drop(&mut self) {
         if let Some(id) = self.id.take() {
             self.inner.discard(id);
+        }
+        if self.refill_owed {
+            Inner::refill(self.inner);
         }
     }
 }
