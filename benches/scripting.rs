@@ -163,7 +163,7 @@ fn tool_env(dir: &Path, rhai: &Path, lua: &Path) -> ToolEnv {
         run_id: "bench".into(),
         task: "bench".into(),
         http_allow: Vec::new(),
-        tools,
+        tools: Arc::new(tools),
         sandbox: None,
         memory: None,
         agent: String::new(),

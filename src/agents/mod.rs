@@ -513,7 +513,8 @@ pub struct ToolEnv {
     pub run_id: String,
     pub task: String,
     pub http_allow: Vec<String>,
-    pub tools: HashMap<String, AgentTool>,
+    /// Shared: a script tool's environment is made per call.
+    pub tools: Arc<HashMap<String, AgentTool>>,
     pub sandbox: Option<Arc<dyn crate::sandbox::Sandbox>>,
     pub memory: Option<Arc<memory::RunMemory>>,
     /// Who stores memories, for their provenance.
@@ -529,11 +530,12 @@ impl ToolEnv {
             run_id: job.run_id.clone(),
             task: job.task.clone(),
             http_allow: job.http_allow.clone(),
-            tools: job
-                .tools
-                .iter()
-                .map(|(s, t)| (s.name.clone(), t.clone()))
-                .collect(),
+            tools: Arc::new(
+                job.tools
+                    .iter()
+                    .map(|(s, t)| (s.name.clone(), t.clone()))
+                    .collect(),
+            ),
             sandbox: job.sandbox.clone(),
             memory: job.memory.clone(),
             agent: job.agent.clone(),
@@ -631,6 +633,7 @@ async fn run_script_tool(
     };
     crate::engine::executor::apply_param_defaults(name, params, &mut given)?;
     let source = crate::scripting::read_script(path)?;
+    let source = &*source;
     if source.lang == crate::scripting::Lang::Lua {
         let cx = script_context(
             env,
@@ -640,7 +643,7 @@ async fn run_script_tool(
             serde_json::json!({}),
             Vec::new(),
         );
-        return crate::scripting::lua_api::call_tool(&source, Json::Object(given), cx)
+        return crate::scripting::lua_api::call_tool(source, Json::Object(given), cx)
             .await
             .map_err(|e| e.to_string());
     }
@@ -648,7 +651,7 @@ async fn run_script_tool(
     globals.insert("args".into(), Json::Object(given));
     let limits = crate::scripting::Limits::default();
     let host = rhai_host(builtin_env(env), None);
-    crate::scripting::run_rhai_with_host(&source, &globals, &limits, &host)
+    crate::scripting::run_rhai_with_host(source, &globals, &limits, &host)
         .map_err(|e| e.to_string())
 }
 
@@ -1098,12 +1101,14 @@ impl Provider for JournaledProvider {
 
 /// The environment with only the built-in file tools (what scripted tools may call).
 pub fn builtin_env(env: &ToolEnv) -> ToolEnv {
-    static BUILTINS: OnceLock<HashMap<String, AgentTool>> = OnceLock::new();
+    static BUILTINS: OnceLock<Arc<HashMap<String, AgentTool>>> = OnceLock::new();
     let builtins = BUILTINS.get_or_init(|| {
-        tools::builtins()
-            .iter()
-            .map(|b| (b.name.to_string(), AgentTool::Builtin))
-            .collect()
+        Arc::new(
+            tools::builtins()
+                .iter()
+                .map(|b| (b.name.to_string(), AgentTool::Builtin))
+                .collect(),
+        )
     });
     ToolEnv {
         workspace: env.workspace.clone(),
@@ -1112,7 +1117,7 @@ pub fn builtin_env(env: &ToolEnv) -> ToolEnv {
         run_id: env.run_id.clone(),
         task: env.task.clone(),
         http_allow: env.http_allow.clone(),
-        tools: builtins.clone(),
+        tools: Arc::clone(builtins),
         sandbox: None,
         memory: env.memory.clone(),
         agent: env.agent.clone(),

@@ -1403,10 +1403,12 @@ impl Executor<'_> {
             run_id: self.run_id.clone(),
             task: key.to_string(),
             http_allow: self.wf.http_allow.clone(),
-            tools: crate::agents::agent_tools(&self.wf, tools)?
-                .into_iter()
-                .map(|(s, t)| (s.name, t))
-                .collect(),
+            tools: Arc::new(
+                crate::agents::agent_tools(&self.wf, tools)?
+                    .into_iter()
+                    .map(|(s, t)| (s.name, t))
+                    .collect(),
+            ),
             sandbox: None,
             memory: self.memory.clone(),
             agent: String::new(),

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Map, Value as Json};
 
@@ -55,34 +55,52 @@ pub struct ScriptSource {
     pub first_line: u32,
 }
 
-/// Reads a script file, from memory while the file keeps its size and modification time:
-/// tools are read on every call, and a call costs a few microseconds.
-pub fn read_script(path: &Path) -> Result<ScriptSource, String> {
-    type Cache = Mutex<HashMap<std::path::PathBuf, (SystemTime, u64, ScriptSource)>>;
+/// How long a script file read from disk is used without looking at the file again.
+const SCRIPT_RECHECK: Duration = Duration::from_secs(1);
+
+/// A script file as last read. Tools are read on every call, and a call costs a few
+/// microseconds: the file is looked at again (size and modification time) at most once a
+/// second, and read again only when it changed, so an edit is picked up within a second.
+pub fn read_script(path: &Path) -> Result<Arc<ScriptSource>, String> {
+    struct Cached {
+        checked: Instant,
+        stamp: (SystemTime, u64),
+        source: Arc<ScriptSource>,
+    }
+    type Cache = Mutex<HashMap<std::path::PathBuf, Cached>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
-    let cannot_read = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
-    let meta = std::fs::metadata(path).map_err(cannot_read)?;
-    let stamp = (meta.modified().map_err(cannot_read)?, meta.len());
     let cache = CACHE.get_or_init(Cache::default);
-    if let Some((modified, len, source)) = cache
+    let now = Instant::now();
+    if let Some(cached) = cache
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .get(path)
+        .filter(|cached| now.duration_since(cached.checked) < SCRIPT_RECHECK)
     {
-        if (*modified, *len) == stamp {
-            return Ok(source.clone());
-        }
+        return Ok(Arc::clone(&cached.source));
     }
-    let source = ScriptSource {
+    let cannot_read = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let meta = std::fs::metadata(path).map_err(cannot_read)?;
+    let stamp = (meta.modified().map_err(cannot_read)?, meta.len());
+    let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(cached) = cache.get_mut(path).filter(|cached| cached.stamp == stamp) {
+        cached.checked = now;
+        return Ok(Arc::clone(&cached.source));
+    }
+    let source = Arc::new(ScriptSource {
         lang: Lang::from_path(path).unwrap_or(Lang::Rhai),
         code: std::fs::read_to_string(path).map_err(cannot_read)?,
         name: path.display().to_string(),
         first_line: 1,
-    };
-    cache
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(path.to_path_buf(), (stamp.0, stamp.1, source.clone()));
+    });
+    cache.insert(
+        path.to_path_buf(),
+        Cached {
+            checked: now,
+            stamp,
+            source: Arc::clone(&source),
+        },
+    );
     Ok(source)
 }
 
