@@ -5,8 +5,9 @@
 //! The API's shape lives in a small Lua prelude; the work behind it lives in host functions
 //! that answer either a value or a complaint, which the prelude raises at the script's line,
 //! as a string a script can `pcall` and read. Calls that wait on the host (the model, tools)
-//! are async functions: a script waiting on a model holds no runtime thread. Each run gets a
-//! VM of its own, so runs share nothing and their futures are `Send`.
+//! are async functions: a script waiting on a model holds no runtime thread. An agent's run
+//! gets a VM of its own; a tool's calls borrow warm VMs of that tool (`call_tool`). Futures
+//! are `Send`.
 
 use std::collections::HashMap;
 use std::future::Future;
