@@ -2,69 +2,20 @@
 //! the test starts on 127.0.0.1, with the journal's SQLite file holding the memories.
 
 mod llm_support;
+mod project;
 
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use llm_support::{Response, Server};
+use project::{text, Project};
 use serde_json::{json, Value as Json};
 
-struct Project {
-    dir: tempfile::TempDir,
-}
-
-impl Project {
-    fn new() -> Project {
-        Project {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-
-    fn home(&self) -> PathBuf {
-        self.dir.path().join(".helix")
-    }
-
-    fn workflow(&self, server: &Server, rest: &str) -> PathBuf {
-        let text = format!(
-            "helix: 1\nname: remember\nmodels:\n  default: {{ provider: openai, model: test-model, base_url: \"{}/v1\", api_key_env: HELIX_TEST_KEY, timeout: 20s }}\n{rest}",
-            server.url()
-        );
-        let path = self.dir.path().join("w.yaml");
-        std::fs::write(&path, text).expect("write workflow");
-        path
-    }
-
-    fn helix(&self, args: &[&str]) -> Output {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_helix"))
-            .args(args)
-            .current_dir(self.dir.path())
-            .env("HELIX_HOME", self.home())
-            .env("HELIX_TEST_KEY", "sk-test-0123456789abcdef")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn helix");
-        let t0 = Instant::now();
-        while child.try_wait().ok().flatten().is_none() {
-            assert!(t0.elapsed() < Duration::from_secs(60), "helix hung");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        child.wait_with_output().expect("output")
-    }
-
-    fn apply(&self, wf: &std::path::Path) -> Output {
-        self.helix(&["apply", wf.to_str().expect("path"), "--output", "plain"])
-    }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+/// A project whose `default` model is the test server.
+fn workflow(p: &Project, server: &Server, rest: &str) -> PathBuf {
+    p.workflow(&format!(
+        "helix: 1\nname: remember\nmodels:\n  default: {{ provider: openai, model: test-model, base_url: \"{}/v1\", api_key_env: HELIX_TEST_KEY, timeout: 20s }}\n{rest}",
+        server.url()
+    ))
 }
 
 fn answer(content: &str) -> Response {
@@ -97,7 +48,7 @@ const MEMORY_WORKFLOW: &str = "memory:\n  synthesize: true\n  recall: { top_k: 3
 fn a_lesson_from_the_first_run_is_in_the_second_runs_prompt() {
     let p = Project::new();
     let first = Server::start([answer("Tests written."), answer(LESSON)]);
-    let out = p.apply(&p.workflow(&first, MEMORY_WORKFLOW));
+    let out = p.apply(&workflow(&p, &first, MEMORY_WORKFLOW));
     assert!(out.status.success(), "{}", text(&out));
     let requests = first.requests();
     assert_eq!(requests.len(), 2, "the task's call and the lesson call");
@@ -114,7 +65,7 @@ fn a_lesson_from_the_first_run_is_in_the_second_runs_prompt() {
     );
 
     let second = Server::start([answer("Done again."), answer("NONE")]);
-    let out = p.apply(&p.workflow(&second, MEMORY_WORKFLOW));
+    let out = p.apply(&workflow(&p, &second, MEMORY_WORKFLOW));
     assert!(out.status.success(), "{}", text(&out));
     let system = system_prompt(&second.requests()[0].body);
     assert!(
@@ -139,7 +90,8 @@ fn a_task_that_failed_then_succeeded_leaves_an_error_resolution() {
         answer("Fixed by splitting the input."),
         answer("Split inputs over 8k tokens before sending them."),
     ]);
-    let wf = p.workflow(
+    let wf = workflow(
+        &p,
         &server,
         "memory: { synthesize: true }\nagents:\n  coder: { role: an engineer }\ntasks:\n  big:\n    agent: coder\n    prompt: Summarise the log.\n    retry: { attempts: 2, backoff: 10ms }\n",
     );
@@ -198,7 +150,8 @@ fn agents_search_and_store_memories_with_tools() {
         ),
         answer("Port 5433."),
     ]);
-    let wf = p.workflow(
+    let wf = workflow(
+        &p,
         &server,
         "memory: {}\nagents:\n  ops: { tools: [memory.search, memory.store] }\ntasks:\n  ask:\n    agent: ops\n    prompt: Which port?\n",
     );
@@ -220,12 +173,13 @@ fn agents_search_and_store_memories_with_tools() {
 fn a_dimension_mismatch_stops_the_run_before_it_starts_and_keeps_the_journal() {
     let p = Project::new();
     let server = Server::start([answer("ok"), answer(LESSON)]);
-    let out = p.apply(&p.workflow(&server, MEMORY_WORKFLOW));
+    let out = p.apply(&workflow(&p, &server, MEMORY_WORKFLOW));
     assert!(out.status.success(), "{}", text(&out));
     let runs_before = text(&p.helix(&["runs", "list"]));
 
     let other = Server::start([]);
-    let wf = p.workflow(
+    let wf = workflow(
+        &p,
         &other,
         "memory: { dimensions: 128 }\nagents:\n  coder: { role: x }\ntasks:\n  t:\n    agent: coder\n    prompt: Go.\n",
     );
@@ -252,7 +206,8 @@ fn an_unreachable_embedding_server_fails_the_task_naming_the_url() {
     let port = dead.local_addr().expect("addr").port();
     drop(dead);
     let server = Server::start([answer("never")]);
-    let wf = p.workflow(
+    let wf = workflow(
+        &p,
         &server,
         &format!("  embed: {{ provider: openai, model: embed-test, base_url: \"http://127.0.0.1:{port}/v1\", timeout: 2s }}\nmemory: {{ embedder: embed }}\nagents:\n  coder: {{ role: x }}\ntasks:\n  t:\n    agent: coder\n    prompt: Go.\n"),
     );

@@ -4,12 +4,14 @@
 //! a failure.
 
 mod llm_support;
+mod project;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use llm_support::{Response, Server};
+use project::{text, Project};
 use serde_json::{json, Value as Json};
 
 /// Whether Docker and the sandbox image are here; panics under `HELIX_REQUIRE_DOCKER=1`
@@ -31,84 +33,6 @@ fn docker_ready(test: &str) -> bool {
         eprintln!("{test}: skipped: no Docker engine or no helix-sandbox-python image");
     }
     found
-}
-
-struct Project {
-    dir: tempfile::TempDir,
-}
-
-impl Project {
-    fn new() -> Project {
-        Project {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-
-    fn home(&self) -> PathBuf {
-        self.dir.path().join(".helix")
-    }
-
-    fn workflow(&self, text: &str) -> PathBuf {
-        let path = self.dir.path().join("w.yaml");
-        std::fs::write(&path, text).expect("write workflow");
-        path
-    }
-
-    fn run(&self, args: &[&str], docker_host: Option<&str>) -> Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_helix"));
-        cmd.args(args)
-            .args(["--output", "plain"])
-            .current_dir(self.dir.path())
-            .env("HELIX_HOME", self.home())
-            .env("HELIX_TEST_KEY", "sk-test-0123456789abcdef")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if let Some(host) = docker_host {
-            cmd.env("DOCKER_HOST", host);
-        }
-        let mut child = cmd.spawn().expect("spawn helix");
-        let t0 = Instant::now();
-        while child.try_wait().ok().flatten().is_none() {
-            assert!(t0.elapsed() < Duration::from_secs(120), "helix hung");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child.wait_with_output().expect("output")
-    }
-
-    fn run_id(&self) -> String {
-        let journal = helix::store::Journal::open(&self.home()).expect("journal");
-        journal
-            .find_run("latest")
-            .expect("query")
-            .expect("a run")
-            .id
-    }
-
-    fn task(&self, key: &str) -> helix::store::TaskRecord {
-        let journal = helix::store::Journal::open(&self.home()).expect("journal");
-        journal
-            .tasks(&self.run_id())
-            .expect("tasks")
-            .into_iter()
-            .find(|t| t.key == key)
-            .expect("task")
-    }
-
-    fn workspace(&self) -> PathBuf {
-        self.home()
-            .join("runs")
-            .join(self.run_id())
-            .join("workspace")
-    }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Containers labelled with this run, waiting a little for background removal.
@@ -146,7 +70,7 @@ fn run_tasks_execute_in_a_container_and_share_the_workspace() {
     let wf = p.workflow(&format!(
         "helix: 1\nname: box\n{PROFILE}tasks:\n  write:\n    run: python3 -c \"open('made.txt','w').write('from the box')\" && id -u && cat /proc/self/status | grep -E 'NoNewPrivs|CapEff'\n  read:\n    needs: [write]\n    run: cat made.txt\n"
     ));
-    let out = p.run(&["apply", wf.to_str().expect("path")], None);
+    let out = p.apply(&wf);
     assert!(out.status.success(), "{}", text(&out));
     let write = p.task("write");
     let stdout = write.output.as_ref().expect("output")["stdout"]
@@ -176,7 +100,7 @@ fn a_task_over_its_memory_limit_fails_saying_so_while_its_sibling_succeeds() {
     let wf = p.workflow(&format!(
         "helix: 1\nname: box\n{PROFILE}tasks:\n  balloon:\n    sandbox: {{ memory: 64MiB }}\n    run: python3 -c \"b = bytearray(400 * 1024 * 1024)\"\n  fine:\n    run: echo fine\n"
     ));
-    let out = p.run(&["apply", wf.to_str().expect("path")], None);
+    let out = p.apply(&wf);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let balloon = p.task("balloon");
     let error = balloon.error.unwrap_or_default();
@@ -193,9 +117,9 @@ fn without_a_docker_engine_the_run_fails_before_any_task_with_the_doctor_hint() 
         "helix: 1\nname: box\n{PROFILE}tasks:\n  first:\n    sandbox: host\n    run: touch {}\n  boxed:\n    needs: [first]\n    run: echo hi\n",
         marker.display()
     ));
-    let out = p.run(
-        &["apply", wf.to_str().expect("path")],
-        Some("unix:///nonexistent/docker.sock"),
+    let out = p.helix_with(
+        &["apply", wf.to_str().expect("path"), "--output", "plain"],
+        &[("DOCKER_HOST", "unix:///nonexistent/docker.sock")],
     );
     let said = text(&out);
     assert_eq!(out.status.code(), Some(1), "{said}");
@@ -255,7 +179,7 @@ fn an_agent_runs_code_with_sandbox_exec_and_sees_the_result() {
         "helix: 1\nname: box\nmodels:\n  default: {{ provider: openai, model: test-model, base_url: \"{}/v1\", api_key_env: HELIX_TEST_KEY, timeout: 20s }}\n{PROFILE}agents:\n  coder: {{ tools: [sandbox.exec] }}\ntasks:\n  code:\n    agent: coder\n    prompt: Compute it.\n",
         server.url()
     ));
-    let out = p.run(&["apply", wf.to_str().expect("path")], None);
+    let out = p.apply(&wf);
     assert!(out.status.success(), "{}", text(&out));
     let requests = server.requests();
     assert_eq!(requests.len(), 3);
@@ -310,7 +234,7 @@ fn the_sandbox_example_workflow_runs_its_tests_in_a_container() {
     }
     let p = Project::new();
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/sandbox-tests.yaml");
-    let out = p.run(&["apply", example.to_str().expect("path")], None);
+    let out = p.apply(&example);
     assert!(out.status.success(), "{}", text(&out));
     let stdout = p.task("pytest").output.expect("output")["stdout"]
         .as_str()
