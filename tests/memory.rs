@@ -216,3 +216,37 @@ fn an_unreachable_embedding_server_fails_the_task_naming_the_url() {
     assert_eq!(out.status.code(), Some(1), "{said}");
     assert!(said.contains(&format!("127.0.0.1:{port}")), "{said}");
 }
+
+#[test]
+fn the_offline_memory_example_recalls_its_lesson_on_the_second_run() {
+    let p = Project::new();
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/remember.yaml");
+    let example = example.to_str().expect("path");
+    let out = p.helix(&["apply", example, "--output", "plain"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let cassette = p.dir.path().join("second.json");
+    let out = p.helix(&[
+        "apply",
+        example,
+        "--output",
+        "plain",
+        "--record",
+        cassette.to_str().expect("path"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let recorded: Json =
+        serde_json::from_str(&std::fs::read_to_string(&cassette).expect("cassette"))
+            .expect("cassette JSON");
+    let system = recorded["entries"][0]["request"]["system"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(system.contains("## Recalled memory"), "{system}");
+    assert!(
+        system.contains("Run the parser's fuzz corpus before every release"),
+        "{system}"
+    );
+    // The second run's lesson was the same: stored once.
+    let listed = text(&p.helix(&["memory", "list"]));
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+}
