@@ -167,6 +167,7 @@ fn tool_env(dir: &Path, rhai: &Path, lua: &Path) -> ToolEnv {
         sandbox: None,
         memory: None,
         agent: String::new(),
+        secrets: Arc::new([]),
     }
 }
 

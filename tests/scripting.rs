@@ -298,3 +298,31 @@ fn rhai_scripts_render_templates_and_chat_with_the_default_model() {
         Some(json!({ "hello": "Hello team!", "verdict": "ship" }))
     );
 }
+
+#[test]
+fn secrets_a_script_logs_are_masked_in_the_journal() {
+    let p = Project::new();
+    p.file(
+        "scripts/leaky.lua",
+        "return helix.agent { run = function(task, ctx)\n  ctx.log('deploying with ' .. task.prompt)\n  return 'ok'\nend }\n",
+    );
+    let w = p.file(
+        "w.yaml",
+        "helix: 1\nname: leak\nsecrets: [DEPLOY_TOKEN]\nagents:\n  deployer: { script: scripts/leaky.lua }\ntasks:\n  ship:\n    agent: deployer\n    prompt: \"token {{ env.DEPLOY_TOKEN }}\"\n",
+    );
+    let mut child = p
+        .command(&["apply", w.to_str().expect("path"), "--output", "plain"])
+        .env("DEPLOY_TOKEN", "tok-5f3a9c1e77")
+        .spawn()
+        .expect("spawn");
+    let t0 = Instant::now();
+    while child.try_wait().ok().flatten().is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "helix hung");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().expect("output");
+    assert!(out.status.success(), "{}", text(&out));
+    let logs = text(&p.run(&["runs", "logs", "latest", "ship"]));
+    assert!(logs.contains("deploying with token ***"), "{logs}");
+    assert!(!logs.contains("tok-5f3a9c1e77"), "{logs}");
+}

@@ -519,6 +519,8 @@ pub struct ToolEnv {
     pub memory: Option<Arc<memory::RunMemory>>,
     /// Who stores memories, for their provenance.
     pub agent: String,
+    /// Replaced by `***` in what scripts log.
+    pub secrets: Arc<[String]>,
 }
 
 impl ToolEnv {
@@ -539,6 +541,7 @@ impl ToolEnv {
             sandbox: job.sandbox.clone(),
             memory: job.memory.clone(),
             agent: job.agent.clone(),
+            secrets: job.secrets.clone().into(),
         }
     }
 }
@@ -566,7 +569,8 @@ impl ToolEnv {
     /// A line in this task's log (`helix runs logs`).
     pub fn log(&self, text: &str) {
         if let Ok(j) = self.journal.lock() {
-            let _ = j.append_log(&self.run_id, &self.task, 1, "log", text);
+            let text = crate::llm::redact(text, &self.secrets);
+            let _ = j.append_log(&self.run_id, &self.task, 1, "log", &text);
         }
     }
 }
@@ -1121,6 +1125,7 @@ pub fn builtin_env(env: &ToolEnv) -> ToolEnv {
         sandbox: None,
         memory: env.memory.clone(),
         agent: env.agent.clone(),
+        secrets: Arc::clone(&env.secrets),
     }
 }
 

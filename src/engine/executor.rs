@@ -1412,6 +1412,7 @@ impl Executor<'_> {
             sandbox: None,
             memory: self.memory.clone(),
             agent: String::new(),
+            secrets: self.secrets.clone().into(),
         })
     }
 
