@@ -262,7 +262,7 @@ fn rhai_tool(fx: &Fixture) {
     let result = fx.runtime.block_on(invoke(&fx.env, "loc", &args));
     assert_eq!(result, Ok(json!({ "lines": 3, "chars": 33 })));
     fx.time_invoke("loc", args.clone())
-        .print("agents::invoke (file read, new engine, compile, run, spawn_blocking)");
+        .print("agents::invoke (cached source, thread's kept engine, cached AST, run on the worker)");
 
     let tool = source(Lang::Rhai, &fx.rhai_path.display().to_string(), RHAI_TOOL);
     let mut globals = Map::new();
@@ -306,7 +306,7 @@ fn lua_tool(fx: &Fixture) {
     let result = fx.runtime.block_on(invoke(&fx.env, "double", &args));
     assert_eq!(result, Ok(json!(42)));
     fx.time_invoke("double", args.clone())
-        .print("agents::invoke (file read, ctx, new VM + helix API, top level, run)");
+        .print("agents::invoke (cached source, ctx, a warm pooled VM, run)");
 
     let cx = script_context(
         &fx.env,
