@@ -553,6 +553,9 @@ return helix.tool {
   params = { word = { type = "string" }, spin = { type = "boolean", default = false } },
   run = function(args, ctx)
     calls = calls + 1
+    -- Each call has a ctx of its own: what an earlier call put there is gone.
+    assert(ctx.left_behind == nil, "a ctx was reused")
+    ctx.left_behind = true
     ctx.log(args.word)
     while args.spin do end
     return calls
@@ -589,7 +592,7 @@ async fn warm_tool_calls_keep_module_state_and_reach_their_own_context() {
     let spun = call_tool(&src, json!({ "word": "spin", "spin": true }), cx).await;
     let error = expect_error(spun, ScriptErrorKind::InstructionLimit);
     assert!(
-        error.to_string().starts_with("scripts/pool_counter.lua:7:"),
+        error.to_string().starts_with("scripts/pool_counter.lua:10:"),
         "{error}"
     );
     let (after, _) = call("three").await;

@@ -250,3 +250,31 @@ fn the_offline_memory_example_recalls_its_lesson_on_the_second_run() {
     let listed = text(&p.helix(&["memory", "list"]));
     assert_eq!(listed.lines().count(), 1, "{listed}");
 }
+
+#[test]
+fn secrets_never_reach_long_term_memory() {
+    let p = Project::new();
+    let token = "tok-9e1c3b77d2";
+    let server = Server::start([
+        answer("Deployed."),
+        answer(&format!(
+            "Deploy with the token {token} and the --atomic flag."
+        )),
+    ]);
+    let wf = workflow(
+        &p,
+        &server,
+        "secrets: [DEPLOY_TOKEN]\nmemory: { synthesize: true }\nagents:\n  ops: { role: deployer }\ntasks:\n  ship:\n    agent: ops\n    prompt: \"Deploy using {{ env.DEPLOY_TOKEN }}.\"\n",
+    );
+    let out = p.helix_with(
+        &["apply", wf.to_str().expect("path"), "--output", "plain"],
+        &[("DEPLOY_TOKEN", token)],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let exported = text(&p.helix(&["memory", "export"]));
+    assert!(
+        exported.contains("Deploy with the token *** and the --atomic flag."),
+        "{exported}"
+    );
+    assert!(!exported.contains(token), "{exported}");
+}

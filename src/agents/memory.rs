@@ -60,6 +60,9 @@ pub struct RunMemory {
     embedder: Box<dyn Embedder>,
     pub config: MemoryConfig,
     run_id: String,
+    /// Replaced by `***` in everything stored: memories outlive the run and reach other
+    /// runs' prompts.
+    secrets: Vec<String>,
 }
 
 impl RunMemory {
@@ -69,11 +72,12 @@ impl RunMemory {
         home: &std::path::Path,
         wf: &Workflow,
         run_id: &str,
+        secrets: &[String],
     ) -> Result<Option<Arc<RunMemory>>, MemoryError> {
         if wf.memory.is_null() {
             return Ok(None);
         }
-        let embedder = embedder_for(wf);
+        let embedder = embedder_for(wf)?;
         let store = MemoryStore::open(home)?;
         store.check_embedder(embedder.as_ref())?;
         Ok(Some(Arc::new(RunMemory {
@@ -81,6 +85,7 @@ impl RunMemory {
             embedder,
             config: MemoryConfig::from_json(&wf.memory),
             run_id: run_id.to_string(),
+            secrets: secrets.to_vec(),
         })))
     }
 
@@ -127,11 +132,25 @@ impl RunMemory {
         if let Some(kind) = kind {
             options = options.kind(kind);
         }
+        // Embedded before the store is locked: a slow embedding server holds up no one else.
+        let vector = self.embed(query).await?;
         self.store
             .lock()
             .await
-            .search(self.embedder.as_ref(), query, &options)
-            .await
+            .search_vector(self.embedder.as_ref(), &vector, &options)
+    }
+
+    async fn embed(&self, text: &str) -> Result<Vec<f32>, MemoryError> {
+        let texts = [text.to_string()];
+        let mut vectors = self.embedder.embed(&texts).await?;
+        match (vectors.pop(), vectors.is_empty()) {
+            (Some(vector), true) => Ok(vector),
+            (got, _) => Err(MemoryError::EmbeddingCount {
+                embedder: self.embedder.id(),
+                got: vectors.len() + usize::from(got.is_some()),
+                expected: 1,
+            }),
+        }
     }
 
     /// Stores one memory with this run as its provenance.
@@ -143,19 +162,24 @@ impl RunMemory {
         task: &str,
         agent: &str,
     ) -> Result<Added, MemoryError> {
-        let mut item = NewMemory::new(kind, text);
-        item.metadata = metadata;
+        let mut item = NewMemory::new(kind, crate::llm::redact(text, &self.secrets));
+        item.metadata = if self.secrets.is_empty() {
+            metadata
+        } else {
+            let masked = crate::llm::redact(&metadata.to_string(), &self.secrets);
+            serde_json::from_str(&masked).unwrap_or(metadata)
+        };
         item.provenance = Provenance {
             run_id: Some(self.run_id.clone()),
             task_id: Some(task.to_string()),
             agent: Some(agent.to_string()),
         };
-        let added = self
-            .store
-            .lock()
-            .await
-            .add(self.embedder.as_ref(), &[item])
-            .await?;
+        let vector = self.embed(&item.text).await?;
+        let added =
+            self.store
+                .lock()
+                .await
+                .add_vectors(self.embedder.as_ref(), &[item], vec![vector])?;
         added
             .into_iter()
             .next()
@@ -166,7 +190,7 @@ impl RunMemory {
 
 /// `memory.embedder`: a model under `models:` (OpenAI-compatible `/v1/embeddings`, which
 /// covers Ollama), or the built-in offline embedder when unset or `builtin`.
-fn embedder_for(wf: &Workflow) -> Box<dyn Embedder> {
+fn embedder_for(wf: &Workflow) -> Result<Box<dyn Embedder>, MemoryError> {
     let dim = wf.memory["dimensions"]
         .as_u64()
         .and_then(|d| usize::try_from(d).ok())
@@ -181,14 +205,26 @@ fn embedder_for(wf: &Workflow) -> Box<dyn Embedder> {
                         "ollama" => crate::llm::openai::OLLAMA_BASE_URL,
                         _ => crate::llm::openai::DEFAULT_BASE_URL,
                     });
-            Box::new(OpenAiEmbedder::new(
-                base_url,
-                model.model.clone().unwrap_or_default(),
-                dim,
-                model.settings["api_key_env"].as_str().unwrap_or_default(),
+            // As for chat models: OpenAI's key variable by default; local servers need none.
+            let key_env =
+                model.settings["api_key_env"]
+                    .as_str()
+                    .unwrap_or(match model.provider.as_str() {
+                        "ollama" => "",
+                        _ => crate::llm::openai::KEY_ENV,
+                    });
+            let http = crate::llm::build::http_options(&model.settings)?;
+            Ok(Box::new(
+                OpenAiEmbedder::new(
+                    base_url,
+                    model.model.clone().unwrap_or_default(),
+                    dim,
+                    key_env,
+                )
+                .with_http(http),
             ))
         }
-        None => Box::new(HashEmbedder::new(dim)),
+        None => Ok(Box::new(HashEmbedder::new(dim))),
     }
 }
 

@@ -190,7 +190,14 @@ pub async fn run(mut job: AgentJob) -> Result<AgentOutcome, AgentError> {
         }
     }
     let mut outcome = converse(&job).await?;
-    if let Some(memory) = job.memory.as_deref().filter(|m| m.config.synthesize) {
+    // A lesson is not worth a budget: none once the run's or the task's tokens are spent.
+    let run_used = job.run_tokens.load(Ordering::Relaxed);
+    let budget_left = job.token_budget.is_none_or(|b| run_used < b)
+        && job
+            .task_token_budget
+            .is_none_or(|b| outcome.usage.total() < b);
+    let lesson_memory = job.memory.as_deref().filter(|m| m.config.synthesize);
+    if let Some(memory) = lesson_memory.filter(|_| budget_left) {
         let finished = memory::Finished {
             agent: &job.agent,
             task: &job.task,
@@ -201,7 +208,10 @@ pub async fn run(mut job: AgentJob) -> Result<AgentOutcome, AgentError> {
         };
         // A lesson that cannot be had costs the task nothing but the note.
         match memory::synthesize(memory, job.provider.as_ref(), finished).await {
-            Ok(usage) => outcome.usage.add(usage),
+            Ok(usage) => {
+                job.run_tokens.fetch_add(usage.total(), Ordering::Relaxed);
+                outcome.usage.add(usage);
+            }
             Err(e) => eprintln!("warning: task `{}`: {e}", job.task),
         }
     }
@@ -1191,6 +1201,14 @@ pub fn rhai_host(
     crate::scripting::Host {
         call_tool: Arc::new(
             move |name, args| match (call_env.tools.get(name), &handle) {
+                (None, _) => {
+                    let mut names: Vec<&str> = call_env.tools.keys().map(String::as_str).collect();
+                    names.sort_unstable();
+                    Err(format!(
+                        "unknown tool `{name}`; available: {}",
+                        names.join(", ")
+                    ))
+                }
                 (Some(AgentTool::Builtin), _) => {
                     let cx = ToolContext {
                         workspace: call_env.workspace.clone(),

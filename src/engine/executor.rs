@@ -308,7 +308,7 @@ pub async fn execute(
     };
     // Before anything runs: a workflow whose memory or containers cannot be had fails here,
     // not midway.
-    let memory = crate::agents::memory::RunMemory::open(&opts.home, &wf, &spec.run_id)
+    let memory = crate::agents::memory::RunMemory::open(&opts.home, &wf, &spec.run_id, &secrets)
         .map_err(|e| EngineError::Memory(e.to_string()))?;
     let sandboxes = start_sandboxes(&wf, &workspace, &spec.run_id).await?;
     let (tx, rx) = mpsc::unbounded_channel();
@@ -385,13 +385,26 @@ async fn start_sandboxes(
         .await
         .map_err(|e| failed(profiles[0].2, e.to_string()))?;
     for (key, profile, task) in profiles {
-        let profile =
-            crate::sandbox::Profile::from_json(profile, &wf.dir).map_err(|e| failed(task, e))?;
-        let sandbox =
-            crate::sandbox::DockerSandbox::start(docker.clone(), profile, workspace, run_id)
-                .await
-                .map_err(|e| failed(task, e.to_string()))?;
-        sandboxes.insert(key, Arc::new(sandbox));
+        let started = match crate::sandbox::Profile::from_json(profile, &wf.dir) {
+            Ok(profile) => {
+                crate::sandbox::DockerSandbox::start(docker.clone(), profile, workspace, run_id)
+                    .await
+                    .map_err(|e| failed(task, e.to_string()))
+            }
+            Err(e) => Err(failed(task, e)),
+        };
+        match started {
+            Ok(sandbox) => {
+                sandboxes.insert(key, Arc::new(sandbox));
+            }
+            Err(e) => {
+                // The pools already warming up for other profiles go too.
+                for sandbox in sandboxes.values() {
+                    sandbox.close().await;
+                }
+                return Err(e);
+            }
+        }
     }
     Ok(sandboxes)
 }

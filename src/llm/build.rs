@@ -117,6 +117,12 @@ fn model_name(model: &ModelDecl) -> Result<String, LlmError> {
     }
 }
 
+/// The timeout and retries a model's settings ask for (for other clients of its server,
+/// such as an embedder).
+pub fn http_options(settings: &Json) -> Result<HttpOptions, LlmError> {
+    Settings(settings).http()
+}
+
 /// The model's YAML mapping as JSON. Validation has checked the types; anything else here
 /// is ignored rather than guessed at.
 struct Settings<'a>(&'a Json);

@@ -43,8 +43,8 @@ use crate::workflow::units::{human_duration, parse_duration, parse_size};
 pub const LABEL: &str = "io.helix.sandbox";
 /// The run a container belongs to.
 pub const RUN_LABEL: &str = "io.helix.run";
-/// `<host>:<pid>` of the helix process that owns a container, so that an orphan can be told
-/// from a container a live helix is using.
+/// `<host>:<pid namespace>:<pid>` of the helix process that owns a container, so that an
+/// orphan can be told from a container a live helix is using.
 pub const OWNER_LABEL: &str = "io.helix.owner";
 
 /// The image a profile uses when it names none.
@@ -272,23 +272,36 @@ pub async fn connect() -> Result<Docker, SandboxError> {
     Ok(docker)
 }
 
-/// `<hostname>:<pid>` of this process.
+/// `<hostname>:<pid namespace>:<pid>` of this process. Two helix processes in containers
+/// that share a hostname (host networking) still differ in their pid namespace.
 fn owner() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default();
-    format!("{host}:{}", std::process::id())
+    // `pid:[4026531836]`
+    let namespace = std::fs::read_link("/proc/self/ns/pid")
+        .map(|link| {
+            link.to_string_lossy()
+                .chars()
+                .filter(char::is_ascii_digit)
+                .collect::<String>()
+        })
+        .unwrap_or_default();
+    format!("{host}:{namespace}:{}", std::process::id())
 }
 
-/// Whether the helix that labelled a container `owner` is gone: it ran on this host and its
-/// pid is no longer alive. Containers of other hosts are left alone.
+/// Whether the helix that labelled a container `owner` is gone: it ran on this host, in this
+/// pid namespace, and its pid is no longer alive. Other containers are left alone.
 fn owner_is_gone(owner: &str) -> bool {
     let this = self::owner();
-    let (Some((host, pid)), Some((this_host, _))) = (owner.rsplit_once(':'), this.rsplit_once(':'))
-    else {
+    let split = |text: &str| -> Option<(String, String)> {
+        let (place, pid) = text.rsplit_once(':')?;
+        Some((place.to_string(), pid.to_string()))
+    };
+    let (Some((place, pid)), Some((this_place, _))) = (split(owner), split(&this)) else {
         return false;
     };
-    if host != this_host {
+    if place != this_place {
         return false;
     }
     match pid.parse::<libc::pid_t>() {
@@ -375,7 +388,7 @@ struct Inner {
     /// Container starts and removals running in the background; `close` waits for them.
     in_flight: Arc<AtomicUsize>,
     /// Commands waiting for a container.
-    waiting: AtomicUsize,
+    waiting: Arc<AtomicUsize>,
     closed: AtomicBool,
 }
 
@@ -429,7 +442,7 @@ impl DockerSandbox {
             ready_tx,
             live: Mutex::default(),
             in_flight: Arc::default(),
-            waiting: AtomicUsize::new(0),
+            waiting: Arc::default(),
             closed: false.into(),
         });
         for _ in 0..inner.profile.pool.max(1) {
@@ -465,6 +478,18 @@ impl DockerSandbox {
     /// How many containers this sandbox has right now (started, waiting or running).
     pub fn live_containers(&self) -> usize {
         self.inner.live().len()
+    }
+}
+
+/// A sandbox dropped without `close` (its run aborted, a sub-workflow cancelled) still
+/// removes its containers, in the background.
+impl Drop for DockerSandbox {
+    fn drop(&mut self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        let ids: Vec<String> = self.inner.live().drain().collect();
+        for id in ids {
+            self.inner.remove_later(id);
+        }
     }
 }
 
@@ -541,7 +566,7 @@ impl Inner {
             image: Some(p.image.clone()),
             // A keeper that does nothing: commands arrive through `exec`.
             entrypoint: Some(vec!["sleep".into()]),
-            cmd: Some(vec!["86400".into()]),
+            cmd: Some(vec!["infinity".into()]),
             user: Some(self.user.clone()),
             env: Some(self.env(&[])),
             working_dir: Some(WORKSPACE.into()),
@@ -585,9 +610,18 @@ impl Inner {
     /// Removes a container in the background.
     fn discard(&self, id: String) {
         self.live().remove(&id);
+        self.remove_later(id);
+    }
+
+    /// Removes a container in the background; without a runtime to do it on, the next
+    /// helix's orphan pruning will.
+    fn remove_later(&self, id: String) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let docker = self.docker.clone();
         let in_flight = InFlight::new(&self.in_flight);
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             let _in_flight = in_flight;
             let _ = remove(&docker, &id).await;
         });
@@ -622,9 +656,11 @@ impl Inner {
         if self.is_closed() {
             return Err(SandboxError::Docker("the sandbox is closed".into()));
         }
-        self.waiting.fetch_add(1, Ordering::SeqCst);
+        // Counted while waiting, also if this future is dropped meanwhile.
+        let waiting = InFlight::new(&self.waiting);
         let next = self.ready.lock().await.recv().await;
-        let others_waiting = self.waiting.fetch_sub(1, Ordering::SeqCst) > 1;
+        let others_waiting = self.waiting.load(Ordering::SeqCst) > 1;
+        drop(waiting);
         // Starting a container slows a command that runs beside it (both load the engine),
         // so the replacement starts when the command is done, unless other commands are
         // already waiting for one, or this start failed.
@@ -663,7 +699,8 @@ impl Inner {
             SandboxError::Docker(format!("running `{}` in the sandbox: {e}", req.command))
         };
         if is_root() {
-            give_workspace_to(&self.workspace, &self.user);
+            let (workspace, user) = (self.workspace.clone(), self.user.clone());
+            let _ = tokio::task::spawn_blocking(move || give_workspace_to(&workspace, &user)).await;
         }
         let exec = self
             .docker
@@ -930,8 +967,14 @@ fn is_root() -> bool {
 
 /// When helix runs as root, files it wrote to the workspace belong to root, and the sandbox
 /// user could not change them: they are handed to that user (numeric `uid[:gid]` only).
-/// Symlinks are changed themselves, never followed.
+///
+/// Code in another container may be changing the workspace meanwhile (swapping a directory
+/// for a symlink to `/etc`, say), so the walk never resolves a path: each directory is opened
+/// relative to its parent's descriptor with `O_NOFOLLOW`, and each entry is inspected and
+/// changed relative to that descriptor without following a symlink. Up to
+/// [`MAX_CHOWN_ENTRIES`] entries and [`MAX_CHOWN_DEPTH`] levels.
 fn give_workspace_to(workspace: &Path, user: &str) {
+    use std::os::unix::ffi::OsStrExt;
     let mut ids = user.split(':').map(|part| part.parse::<u32>().ok());
     let (Some(Some(uid)), gid) = (ids.next(), ids.next()) else {
         return;
@@ -940,24 +983,74 @@ fn give_workspace_to(workspace: &Path, user: &str) {
     if uid == 0 {
         return;
     }
-    let mut stack = vec![workspace.to_path_buf()];
-    let mut seen = 0;
-    while let Some(path) = stack.pop() {
-        seen += 1;
-        if seen > MAX_CHOWN_ENTRIES {
+    let Ok(path) = std::ffi::CString::new(workspace.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: a plain open of a NUL-terminated path; the descriptor is checked.
+    let root = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if root < 0 {
+        return;
+    }
+    // SAFETY: `root` is an open directory descriptor, inspected and changed through itself.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(root, &mut st) == 0 && st.st_uid == 0 {
+            libc::fchown(root, uid, gid);
+        }
+    }
+    let mut budget = MAX_CHOWN_ENTRIES;
+    chown_below(root, uid, gid, 0, &mut budget);
+}
+
+/// Levels below the workspace the ownership walk goes.
+const MAX_CHOWN_DEPTH: usize = 64;
+
+/// Gives root-owned entries of the open directory `dir` (consumed) to `uid:gid`, then its
+/// subdirectories'.
+fn chown_below(dir: libc::c_int, uid: u32, gid: u32, depth: usize, budget: &mut usize) {
+    // SAFETY: `dir` is an open directory descriptor that `fdopendir` takes over; on failure
+    // it is closed here. Every name comes from `readdir` of that stream and is used relative
+    // to its descriptor, with symlinks never followed.
+    unsafe {
+        let stream = libc::fdopendir(dir);
+        if stream.is_null() {
+            libc::close(dir);
             return;
         }
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        use std::os::unix::fs::MetadataExt;
-        if meta.uid() == 0 {
-            let _ = std::os::unix::fs::lchown(&path, Some(uid), Some(gid));
-        }
-        if meta.is_dir() {
-            if let Ok(entries) = std::fs::read_dir(&path) {
-                stack.extend(entries.flatten().map(|e| e.path()));
+        let fd = libc::dirfd(stream);
+        loop {
+            let entry = libc::readdir(stream);
+            if entry.is_null() || *budget == 0 {
+                break;
+            }
+            let name = std::ffi::CStr::from_ptr((*entry).d_name.as_ptr());
+            if matches!(name.to_bytes(), b"." | b"..") {
+                continue;
+            }
+            *budget -= 1;
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstatat(fd, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) != 0 {
+                continue;
+            }
+            if st.st_uid == 0 {
+                libc::fchownat(fd, name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW);
+            }
+            if st.st_mode & libc::S_IFMT == libc::S_IFDIR && depth < MAX_CHOWN_DEPTH {
+                let sub = libc::openat(
+                    fd,
+                    name.as_ptr(),
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                );
+                if sub >= 0 {
+                    chown_below(sub, uid, gid, depth + 1, budget);
+                }
             }
         }
+        libc::closedir(stream);
     }
 }

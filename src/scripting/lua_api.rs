@@ -67,6 +67,27 @@ pub struct ScriptContext {
     pub memory: Option<ToolCaller>,
 }
 
+impl ScriptContext {
+    /// A context that reaches nothing: what an idle warm VM holds between calls.
+    fn inert() -> ScriptContext {
+        let nothing = || "no run is in progress".to_string();
+        ScriptContext {
+            task: Json::Null,
+            provider: None,
+            model: String::new(),
+            agent: String::new(),
+            call_tool: Arc::new(move |_, _| Box::pin(async move { Err(nothing()) })),
+            tools: Arc::new([]),
+            scratch_get: Arc::new(move |_| Err(nothing())),
+            scratch_set: Arc::new(move |_, _| Err(nothing())),
+            render: Arc::new(move |_, _| Err(nothing())),
+            log: Arc::new(|_| {}),
+            usage: Arc::default(),
+            memory: None,
+        }
+    }
+}
+
 /// What a script declares itself to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -165,8 +186,8 @@ pub async fn call_tool(
 ) -> Result<Json, ScriptError> {
     require_lua(src)?;
     let (tool, budget) = match take_warm(src) {
-        Some(tool) => {
-            tool.begin(cx)?;
+        Some(mut tool) => {
+            tool.begin(src, cx)?;
             let budget = Arc::clone(&tool.vm.budget);
             (tool, budget)
         }
@@ -250,12 +271,21 @@ fn load(
 }
 
 impl Prepared {
-    /// Hands a warm VM to a new call: its context, a fresh `ctx` table, a full budget.
-    fn begin(&self, cx: ScriptContext) -> Result<(), ScriptError> {
+    /// Hands a warm VM to a new call: its context, a fresh `ctx` table (whatever the last
+    /// call did to its own stays with it), a full budget.
+    fn begin(&mut self, src: &ScriptSource, cx: ScriptContext) -> Result<(), ScriptError> {
         if let Some(host) = &self.vm.host {
             host.begin(cx);
         }
         self.vm.budget.used.store(0, Ordering::Relaxed);
+        if let Some(functions) = &self.vm.host_functions {
+            let ctx = self
+                .vm
+                .new_context
+                .call(functions.clone())
+                .map_err(|e| lua::lua_error(src, &self.vm.budget.limits, e))?;
+            self.vm.ctx = Some(ctx);
+        }
         Ok(())
     }
 }
@@ -309,8 +339,15 @@ fn take_warm(src: &ScriptSource) -> Option<Prepared> {
 }
 
 fn give_back(src: &ScriptSource, tool: Prepared) {
-    if tool.vm.budget.spent.get().is_some() {
+    // A VM that reached a limit is not reused, nor one near its memory cap (a memory error a
+    // script caught with `pcall` leaves no other trace).
+    let crowded = tool.vm.lua.used_memory() > tool.vm.budget.limits.memory_bytes / 2;
+    if tool.vm.budget.spent.get().is_some() || crowded {
         return;
+    }
+    // An idle VM holds no run's context (its journal, its memory) alive.
+    if let Some(host) = &tool.vm.host {
+        host.begin(ScriptContext::inert());
     }
     let mut pool = tool_pool().lock().unwrap_or_else(PoisonError::into_inner);
     let idle = pool.entry(src.name.clone()).or_default();
@@ -490,6 +527,9 @@ struct Vm {
     ctx: Option<Table>,
     /// What `ctx` reaches; `None` when the script is only inspected.
     host: Option<Arc<Host>>,
+    /// Makes a `ctx` over the host functions: a warm tool VM gets a new one per call.
+    new_context: Function,
+    host_functions: Option<Table>,
 }
 
 /// Metatables that tell where a table came from.
@@ -591,8 +631,12 @@ impl Vm {
             .set_name(PRELUDE_NAME)
             .set_mode(ChunkMode::Text)
             .call(api)?;
-        let ctx = match &host {
-            Some(host) => Some(new_context.call(host.functions(&lua)?)?),
+        let host_functions = match &host {
+            Some(host) => Some(host.functions(&lua)?),
+            None => None,
+        };
+        let ctx = match &host_functions {
+            Some(functions) => Some(new_context.call(functions.clone())?),
             None => None,
         };
         Ok(Vm {
@@ -601,6 +645,8 @@ impl Vm {
             marks,
             ctx,
             host,
+            new_context,
+            host_functions,
         })
     }
 
