@@ -553,9 +553,10 @@ return helix.tool {
   params = { word = { type = "string" }, spin = { type = "boolean", default = false } },
   run = function(args, ctx)
     calls = calls + 1
-    -- Each call has a ctx of its own: what an earlier call put there is gone.
-    assert(ctx.left_behind == nil, "a ctx was reused")
-    ctx.left_behind = true
+    -- No call can leave anything in ctx for the next one.
+    local ok, err = pcall(function() ctx.left_behind = true end)
+    assert(not ok and err:find("ctx cannot be changed"), "ctx could be changed")
+    assert(not pcall(function() ctx.llm.chat = nil end), "ctx.llm could be changed")
     ctx.log(args.word)
     while args.spin do end
     return calls
@@ -592,7 +593,9 @@ async fn warm_tool_calls_keep_module_state_and_reach_their_own_context() {
     let spun = call_tool(&src, json!({ "word": "spin", "spin": true }), cx).await;
     let error = expect_error(spun, ScriptErrorKind::InstructionLimit);
     assert!(
-        error.to_string().starts_with("scripts/pool_counter.lua:10:"),
+        error
+            .to_string()
+            .starts_with("scripts/pool_counter.lua:11:"),
         "{error}"
     );
     let (after, _) = call("three").await;

@@ -69,7 +69,12 @@ pub struct ScriptContext {
 
 impl ScriptContext {
     /// A context that reaches nothing: what an idle warm VM holds between calls.
-    fn inert() -> ScriptContext {
+    fn inert() -> Arc<ScriptContext> {
+        static INERT: OnceLock<Arc<ScriptContext>> = OnceLock::new();
+        Arc::clone(INERT.get_or_init(|| Arc::new(ScriptContext::nothing())))
+    }
+
+    fn nothing() -> ScriptContext {
         let nothing = || "no run is in progress".to_string();
         ScriptContext {
             task: Json::Null,
@@ -186,8 +191,8 @@ pub async fn call_tool(
 ) -> Result<Json, ScriptError> {
     require_lua(src)?;
     let (tool, budget) = match take_warm(src) {
-        Some(mut tool) => {
-            tool.begin(src, cx)?;
+        Some(tool) => {
+            tool.begin(cx);
             let budget = Arc::clone(&tool.vm.budget);
             (tool, budget)
         }
@@ -271,22 +276,13 @@ fn load(
 }
 
 impl Prepared {
-    /// Hands a warm VM to a new call: its context, a fresh `ctx` table (whatever the last
-    /// call did to its own stays with it), a full budget.
-    fn begin(&mut self, src: &ScriptSource, cx: ScriptContext) -> Result<(), ScriptError> {
+    /// Hands a warm VM to a new call: its context and a full budget. Its `ctx` is read-only,
+    /// so an earlier call cannot have left anything in it.
+    fn begin(&self, cx: ScriptContext) {
         if let Some(host) = &self.vm.host {
             host.begin(cx);
         }
         self.vm.budget.used.store(0, Ordering::Relaxed);
-        if let Some(functions) = &self.vm.host_functions {
-            let ctx = self
-                .vm
-                .new_context
-                .call(functions.clone())
-                .map_err(|e| lua::lua_error(src, &self.vm.budget.limits, e))?;
-            self.vm.ctx = Some(ctx);
-        }
-        Ok(())
     }
 }
 
@@ -347,7 +343,7 @@ fn give_back(src: &ScriptSource, tool: Prepared) {
     }
     // An idle VM holds no run's context (its journal, its memory) alive.
     if let Some(host) = &tool.vm.host {
-        host.begin(ScriptContext::inert());
+        *host.cx.lock().unwrap_or_else(PoisonError::into_inner) = ScriptContext::inert();
     }
     let mut pool = tool_pool().lock().unwrap_or_else(PoisonError::into_inner);
     let idle = pool.entry(src.name.clone()).or_default();
@@ -455,17 +451,30 @@ local function method_of(object, self, usage)
   end
 end
 
+-- A read-only view of `fields`: a tool's VM serves many calls, so no call may leave
+-- anything in the `ctx` the next one gets.
+local function frozen(fields, what)
+  return setmetatable({}, {
+    __index = fields,
+    __newindex = function() error(what .. " cannot be changed", 2) end,
+    __metatable = false,
+  })
+end
+
 -- The `ctx` of one run, over that run's host functions.
 local function new_context(run)
-  local ctx, llm = {}, {}
+  local fields, llm_fields, memory_fields = {}, {}, {}
+  local ctx = frozen(fields, "ctx")
+  local llm = frozen(llm_fields, "ctx.llm")
+  local memory = frozen(memory_fields, "ctx.memory")
 
-  function llm.chat(self, options)
+  function llm_fields.chat(self, options)
     method_of(llm, self, "ctx.llm:chat")
     return (unwrap(run.chat(options)))
   end
-  ctx.llm = llm
+  fields.llm = llm
 
-  ctx.tools = setmetatable({}, {
+  fields.tools = setmetatable({}, {
     __index = function(_, name)
       unwrap(run.check_tool(name))
       return function(args) return (unwrap(run.call_tool(name, args))) end
@@ -473,36 +482,35 @@ local function new_context(run)
     __newindex = function() error("ctx.tools cannot be changed", 2) end,
     __metatable = false,
   })
-  function ctx.tool(self, name, args)
+  function fields.tool(self, name, args)
     method_of(ctx, self, "ctx:tool")
     return (unwrap(run.call_tool(name, args)))
   end
 
   -- Reads and writes go to the task's scratchpad; a read gives a copy.
-  ctx.scratch = setmetatable({}, {
+  fields.scratch = setmetatable({}, {
     __index = function(_, key) return (unwrap(run.scratch_get(key))) end,
     __newindex = function(_, key, value) unwrap(run.scratch_set(key, value)) end,
     __metatable = false,
   })
 
-  local memory = {}
-  function memory.search(self, query, options)
+  function memory_fields.search(self, query, options)
     method_of(memory, self, "ctx.memory:search")
     return (unwrap(run.memory("search", query, options)))
   end
-  function memory.store(self, text, options)
+  function memory_fields.store(self, text, options)
     method_of(memory, self, "ctx.memory:store")
     return (unwrap(run.memory("store", text, options)))
   end
-  ctx.memory = memory
+  fields.memory = memory
 
-  function ctx.render(self, template, vars)
+  function fields.render(self, template, vars)
     method_of(ctx, self, "ctx:render")
     return (unwrap(run.render(template, vars)))
   end
 
   -- Written `ctx.log(…)`; `ctx:log(…)` is forgiven.
-  function ctx.log(...)
+  function fields.log(...)
     if rawequal((...), ctx) then
       run.log(message(select(2, ...)))
     else
@@ -527,9 +535,6 @@ struct Vm {
     ctx: Option<Table>,
     /// What `ctx` reaches; `None` when the script is only inspected.
     host: Option<Arc<Host>>,
-    /// Makes a `ctx` over the host functions: a warm tool VM gets a new one per call.
-    new_context: Function,
-    host_functions: Option<Table>,
 }
 
 /// Metatables that tell where a table came from.
@@ -631,12 +636,8 @@ impl Vm {
             .set_name(PRELUDE_NAME)
             .set_mode(ChunkMode::Text)
             .call(api)?;
-        let host_functions = match &host {
-            Some(host) => Some(host.functions(&lua)?),
-            None => None,
-        };
-        let ctx = match &host_functions {
-            Some(functions) => Some(new_context.call(functions.clone())?),
+        let ctx = match &host {
+            Some(host) => Some(new_context.call(host.functions(&lua)?)?),
             None => None,
         };
         Ok(Vm {
@@ -645,8 +646,6 @@ impl Vm {
             marks,
             ctx,
             host,
-            new_context,
-            host_functions,
         })
     }
 
