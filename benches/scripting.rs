@@ -261,8 +261,9 @@ fn rhai_tool(fx: &Fixture) {
     let args = json!({ "text": RHAI_TEXT });
     let result = fx.runtime.block_on(invoke(&fx.env, "loc", &args));
     assert_eq!(result, Ok(json!({ "lines": 3, "chars": 33 })));
-    fx.time_invoke("loc", args.clone())
-        .print("agents::invoke (cached source, thread's kept engine, cached AST, run on the worker)");
+    fx.time_invoke("loc", args.clone()).print(
+        "agents::invoke (cached source, thread's kept engine, cached AST, run on the worker)",
+    );
 
     let tool = source(Lang::Rhai, &fx.rhai_path.display().to_string(), RHAI_TOOL);
     let mut globals = Map::new();
