@@ -17,6 +17,29 @@ const TRAIN_ITERATIONS: usize = 8;
 /// Cells scanned at least, and matching entries seen at least (in cells' worth), per query.
 pub(crate) const NPROBE: usize = 8;
 
+/// At most this many cells are scanned for a new vector's near-duplicates: the nearest of
+/// those that could hold one (see `Index::near`). More than four qualified in none of
+/// 68,000 inserts at 32,000–100,000 memories, but in 40–80 % of them while the cells were
+/// still coarse (7 or 31 cells); then the farthest are left out, and a near-duplicate there
+/// is missed (none was, of 3,003 planted: BENCHMARKS.md). Uncapped, that range scanned
+/// 10–11 cells per insert and the 100,000-memory bench ran ~20 % slower.
+pub(crate) const DEDUP_CELLS: usize = 4;
+/// Cells considered for the duplicate check, nearest first.
+const DEDUP_LOOKAHEAD: usize = 32;
+/// The duplicate check's bands, as multiples of the mean squared residual (see
+/// `NearProbe`). Four bands keep ~65 % of a residual's squared length for the bound;
+/// eight kept ~75 % but cost more per member than the few int8 scores they saved.
+const BANDS: [f32; 4] = [4.0, 2.0, 1.0, 0.4];
+
+/// A new vector, placed: see `Index::place`.
+pub(crate) struct Placed {
+    pub q: Quantized,
+    /// Score with each centroid (one score of 1 while there is one untrained cell).
+    scores: Vec<f32>,
+    pub cell: usize,
+    pub cos: f32,
+}
+
 /// A vector as int8 with one scale: `v ≈ scale × code`.
 pub(crate) struct Quantized {
     pub scale: f32,
@@ -32,22 +55,67 @@ pub(crate) fn quantize(v: &[f32]) -> Quantized {
         };
     }
     let scale = max / 127.0;
-    let code = v.iter().map(|x| (x / scale).round() as i8).collect();
+    let inverse = 127.0 / max;
+    // Rounds half away from zero like `f32::round`, without its libm call per coordinate.
+    let code = v
+        .iter()
+        .map(|x| {
+            let y = x * inverse;
+            (y + 0.5f32.copysign(y)) as i8
+        })
+        .collect();
     Quantized { scale, code }
 }
 
+/// The members of one kind in one cell, column by column for the kernels.
+#[derive(Default)]
+struct Group {
+    ids: Vec<i64>,
+    scales: Vec<f32>,
+    /// `ids.len() × dim` codes, row after row.
+    codes: Vec<i8>,
+    /// Per member, `words` u64s: the signs of its residual (vector − centroid), for `near`.
+    signs: Vec<u64>,
+}
+
+impl Group {
+    fn push(&mut self, id: i64, q: &Quantized, signs: &[u64]) -> usize {
+        self.ids.push(id);
+        self.scales.push(q.scale);
+        self.codes.extend_from_slice(&q.code);
+        self.signs.extend_from_slice(signs);
+        self.ids.len() - 1
+    }
+
+    /// Removes member `pos` by moving the last one into its place; returns the moved id.
+    fn swap_remove(&mut self, pos: usize, dim: usize) -> Option<i64> {
+        let last = self.ids.len() - 1;
+        self.ids.swap_remove(pos);
+        self.scales.swap_remove(pos);
+        let words = dim.div_ceil(64);
+        if pos != last {
+            let (head, tail) = self.codes.split_at_mut(last * dim);
+            head[pos * dim..(pos + 1) * dim].copy_from_slice(&tail[..dim]);
+            let (head, tail) = self.signs.split_at_mut(last * words);
+            head[pos * words..(pos + 1) * words].copy_from_slice(&tail[..words]);
+        }
+        self.codes.truncate(last * dim);
+        self.signs.truncate(last * words);
+        (pos != last).then(|| self.ids[pos])
+    }
+}
+
+/// One IVF cell. Its members are kept in one group per kind, so a kind filter and the
+/// duplicate check (which is per kind) read only the members of that kind.
 struct Cell {
     /// The lowest and highest cosine of a member with the centroid (bounds for `near`;
     /// removals do not narrow them, which only makes the bounds looser).
     min_cos: f32,
     max_cos: f32,
-    /// Per member, `words` u64s: the signs of its residual (vector − centroid), for `near`.
-    signs: Vec<u64>,
-    ids: Vec<i64>,
-    kinds: Vec<u32>,
-    scales: Vec<f32>,
-    /// `ids.len() × dim` codes, row after row.
-    codes: Vec<i8>,
+    /// The largest int8 scale of a member (also only ever grows).
+    max_scale: f32,
+    /// Indexed by the index's number for the kind.
+    groups: Vec<Group>,
 }
 
 impl Default for Cell {
@@ -55,48 +123,43 @@ impl Default for Cell {
         Cell {
             min_cos: f32::INFINITY,
             max_cos: f32::NEG_INFINITY,
-            signs: Vec::new(),
-            ids: Vec::new(),
-            kinds: Vec::new(),
-            scales: Vec::new(),
-            codes: Vec::new(),
+            max_scale: 0.0,
+            groups: Vec::new(),
         }
     }
 }
 
 impl Cell {
-    fn push(&mut self, id: i64, kind: u32, q: &Quantized, cos: f32, centroid: Option<&[f32]>) {
+    /// Adds a member; returns its position in its kind's group.
+    fn push(
+        &mut self,
+        id: i64,
+        kind: u32,
+        q: &Quantized,
+        cos: f32,
+        centroid: Option<&[f32]>,
+    ) -> usize {
         self.min_cos = self.min_cos.min(cos);
         self.max_cos = self.max_cos.max(cos);
-        let residual = q
-            .code
-            .iter()
-            .enumerate()
-            .map(|(i, c)| f32::from(*c) * q.scale - centroid.map_or(0.0, |c| c[i]));
-        self.signs.extend(sign_words(residual, q.code.len()));
-        self.ids.push(id);
-        self.kinds.push(kind);
-        self.scales.push(q.scale);
-        self.codes.extend_from_slice(&q.code);
+        self.max_scale = self.max_scale.max(q.scale);
+        let mut residual: Vec<f32> = q.code.iter().map(|c| f32::from(*c) * q.scale).collect();
+        if let Some(centroid) = centroid {
+            residual.iter_mut().zip(centroid).for_each(|(r, c)| *r -= c);
+        }
+        let kind = kind as usize;
+        if self.groups.len() <= kind {
+            self.groups.resize_with(kind + 1, Group::default);
+        }
+        self.groups[kind].push(id, q, &sign_words(&residual))
     }
+}
 
-    fn swap_remove(&mut self, pos: usize, dim: usize) -> Option<i64> {
-        let last = self.ids.len() - 1;
-        self.ids.swap_remove(pos);
-        self.kinds.swap_remove(pos);
-        let words = dim.div_ceil(64);
-        for w in 0..words {
-            self.signs.swap(pos * words + w, last * words + w);
-        }
-        self.signs.truncate(last * words);
-        self.scales.swap_remove(pos);
-        if pos != last {
-            let (head, tail) = self.codes.split_at_mut(last * dim);
-            head[pos * dim..(pos + 1) * dim].copy_from_slice(&tail[..dim]);
-        }
-        self.codes.truncate(last * dim);
-        (pos != last).then(|| self.ids[pos])
-    }
+/// Where an entry is: cell, kind (its group in the cell) and position in the group.
+#[derive(Clone, Copy)]
+struct Slot {
+    cell: u32,
+    kind: u32,
+    pos: u32,
 }
 
 /// Which entries a search may return.
@@ -111,7 +174,7 @@ pub(crate) struct Index {
     centroids: Vec<f32>,
     cells: Vec<Cell>,
     kinds: HashMap<String, u32>,
-    place: HashMap<i64, (u32, u32)>,
+    slots: HashMap<i64, Slot>,
     /// The size of the store when the centroids were trained (0: never).
     pub trained_at: usize,
 }
@@ -125,7 +188,7 @@ impl Index {
             centroids,
             cells: (0..cells).map(|_| Cell::default()).collect(),
             kinds: HashMap::new(),
-            place: HashMap::new(),
+            slots: HashMap::new(),
             trained_at,
         }
     }
@@ -135,7 +198,7 @@ impl Index {
     }
 
     pub fn len(&self) -> usize {
-        self.place.len()
+        self.slots.len()
     }
 
     #[cfg(test)]
@@ -157,22 +220,38 @@ impl Index {
         *self.kinds.entry(kind.to_string()).or_insert(next)
     }
 
-    /// The cell a vector joins (the one with the nearest centroid) and its cosine with
-    /// that centroid.
-    pub fn assign(&self, v: &[f32]) -> (usize, f32) {
+    /// What the index needs to know of a new vector, computed once for both the duplicate
+    /// check and the insert: its int8 copy, its score with every centroid, and the cell it
+    /// joins (the one with the nearest centroid) with its cosine with that centroid.
+    pub fn place(&self, v: &[f32]) -> Placed {
+        let q = quantize(v);
         if self.centroids.is_empty() {
-            return (0, f32::NEG_INFINITY);
+            return Placed {
+                q,
+                scores: vec![1.0],
+                cell: 0,
+                cos: f32::NEG_INFINITY,
+            };
         }
         let scores = kernels::dots(&self.centroids, v, self.dim);
-        let best = argmax(&scores);
-        (best, scores[best])
+        let cell = argmax(&scores);
+        Placed {
+            q,
+            cos: scores[cell],
+            scores,
+            cell,
+        }
     }
 
     /// Adds an entry to `cell` (a stored cell whose index may be out of date is clamped).
     /// `cos` is the entry's cosine with the cell's centroid, if known.
     pub fn insert(&mut self, id: i64, kind: &str, cell: usize, q: &Quantized, cos: Option<f32>) {
-        self.remove(id);
         let kind = self.intern(kind);
+        self.insert_as(id, kind, cell, q, cos);
+    }
+
+    fn insert_as(&mut self, id: i64, kind: u32, cell: usize, q: &Quantized, cos: Option<f32>) {
+        self.remove(id);
         let cell = cell.min(self.cells.len() - 1);
         let cos = match (cos, self.centroids.is_empty()) {
             (_, true) => f32::NEG_INFINITY,
@@ -185,18 +264,24 @@ impl Index {
         };
         let centroid = (!self.centroids.is_empty())
             .then(|| &self.centroids[cell * self.dim..(cell + 1) * self.dim]);
-        self.cells[cell].push(id, kind, q, cos, centroid);
-        let target = &self.cells[cell];
-        self.place
-            .insert(id, (cell as u32, (target.ids.len() - 1) as u32));
+        let pos = self.cells[cell].push(id, kind, q, cos, centroid);
+        self.slots.insert(
+            id,
+            Slot {
+                cell: cell as u32,
+                kind,
+                pos: pos as u32,
+            },
+        );
     }
 
     pub fn remove(&mut self, id: i64) -> bool {
-        let Some((cell, pos)) = self.place.remove(&id) else {
+        let Some(slot) = self.slots.remove(&id) else {
             return false;
         };
-        if let Some(moved) = self.cells[cell as usize].swap_remove(pos as usize, self.dim) {
-            self.place.insert(moved, (cell, pos));
+        let group = &mut self.cells[slot.cell as usize].groups[slot.kind as usize];
+        if let Some(moved) = group.swap_remove(slot.pos as usize, self.dim) {
+            self.slots.insert(moved, slot);
         }
         true
     }
@@ -223,61 +308,77 @@ impl Index {
         top.into_sorted()
     }
 
-    /// Entries of `kind` whose approximate cosine to `v` is at least `min_cos`, looked for
-    /// among every entry that could be one (so dedup is exact up to int8 error, which a
-    /// slack covers). If `cos(u, v) ≥ min_cos` then `|u − v| ≤ r = √(2 − 2·min_cos)`, hence:
+    /// Entries of `kind` whose approximate cosine to `v` is at least `min_cos`. If
+    /// `cos(u, v) ≥ min_cos` then `|u − v| ≤ r = √(2 − 2·min_cos)`, and every test below
+    /// follows from that, so nothing that could be a near-duplicate is skipped (int8 error
+    /// is covered by slack) except in cells beyond the `DEDUP_CELLS` nearest that qualify:
     ///
-    /// - for a unit centroid `c`, `|c·u − c·v| ≤ r`: cells whose members' cosines with the
-    ///   centroid are all out of that window are skipped whole;
-    /// - where the residuals `u − c` and `v − c` differ in sign at coordinate i,
-    ///   `|u_i − v_i| ≥ |v_i − c_i|`; so among the coordinates where `(v_i − c_i)² ≥ τ`, at
-    ///   most `r²/τ` can differ in sign. Counting them is a few XORs and popcounts per
-    ///   member, and rules out almost every member that is not a near-duplicate.
-    pub fn near(&self, v: &[f32], kind: &str, min_cos: f32) -> Vec<(f32, i64)> {
+    /// - **Which cells.** Every entry sits in the cell of its nearest centroid. If `u` is in
+    ///   cell `j` while `v`'s nearest centroid is `b`, then
+    ///   `c_b·v − c_j·v = (c_b − c_j)·u + (c_b − c_j)·(v − u) ≤ 0 + |c_b − c_j|·r`: a cell
+    ///   whose score trails the best by more than that cannot hold one. On clustered data
+    ///   that leaves one or two cells (the window on members' cosines with the centroid,
+    ///   `|c·u − c·v| ≤ r`, also applied, leaves about half of them on its own).
+    /// - **Which members.** Where the residuals `u − c` and `v − c` differ in sign at
+    ///   coordinate i, `|u_i − v_i| ≥ |v_i − c_i|`, so the sum of `(v_i − c_i)²` over those
+    ///   coordinates is at most `r²`. Members whose sum (bounded from below by bands, a few
+    ///   XORs and popcounts) exceeds it are skipped; the rest are scored on int8 copies.
+    pub fn near(&self, v: &[f32], placed: &Placed, kind: &str, min_cos: f32) -> Vec<(f32, i64)> {
         let Some(kind) = self.kind_id(kind) else {
             return Vec::new();
         };
-        let q = quantize(v);
-        if q.scale == 0.0 {
+        if placed.q.scale == 0.0 {
             return Vec::new();
         }
         let radius = (2.0 - 2.0 * min_cos).max(0.0).sqrt();
-        // The members' signs come from their int8 copies, off by at most half a step per
-        // coordinate: `√dim · scale / 2` in norm (≈ 0.01 for a typical 384-dim vector).
+        // A member's stored form is its int8 copy, off by at most half a step per
+        // coordinate: `√dim · scale / 2` in norm (≈ 0.015 for a typical 384-dim vector,
+        // never more than `√dim / 254` for a unit vector).
         let half_steps = (self.dim as f32).sqrt() / 2.0;
         let widest = radius + half_steps / 127.0;
         let untrained = self.centroids.is_empty();
-        let words = self.dim.div_ceil(64);
+        let home = placed.cell;
         let mut found = Vec::new();
-        for (score, cell) in self.cell_order(v) {
+        let mut scanned = 0;
+        for (score, cell) in nearest(&placed.scores, DEDUP_LOOKAHEAD) {
             let c = &self.cells[cell];
-            if c.ids.is_empty()
-                || (!untrained && (score + widest < c.min_cos || score - widest > c.max_cos))
-            {
+            // A cell without members of the kind costs nothing and counts for nothing.
+            let Some(group) = c.groups.get(kind as usize).filter(|g| !g.ids.is_empty()) else {
                 continue;
-            }
-            let centroid =
-                (!untrained).then(|| &self.centroids[cell * self.dim..(cell + 1) * self.dim]);
-            let residual: Vec<f32> = v
-                .iter()
-                .enumerate()
-                .map(|(i, x)| x - centroid.map_or(0.0, |c| c[i]))
-                .collect();
-            let norm2: f32 = residual.iter().map(|x| x * x).sum();
-            let tau = 1.5 * norm2 / self.dim as f32;
-            let probe = kernels::NearProbe {
-                kind,
-                signs: sign_words(residual.iter().copied(), self.dim),
-                big: sign_words(residual.iter().map(|x| x * x - tau), self.dim),
-                tau,
-                radius,
-                half_steps,
-                min_cos: min_cos - 0.02,
             };
-            kernels::near(c, &probe, &q, self.dim, words, &mut found);
+            if !untrained {
+                let gap = placed.cos - score;
+                if gap > 2.0 * widest {
+                    break; // |c_b − c_j| ≤ 2, and the cells come best first
+                }
+                let reach = radius + half_steps * c.max_scale;
+                if cell != home && gap > self.centroid_distance(home, cell) * reach {
+                    continue;
+                }
+                if score + widest < c.min_cos || score - widest > c.max_cos {
+                    continue;
+                }
+            }
+            if scanned == DEDUP_CELLS {
+                break;
+            }
+            scanned += 1;
+            let centroid = (!untrained).then(|| self.centroid(cell));
+            let probe = kernels::NearProbe::new(v, centroid, radius, half_steps, min_cos);
+            kernels::near(group, &probe, &placed.q, self.dim, &mut found);
         }
         found.sort_by(|a, b| b.0.total_cmp(&a.0));
         found
+    }
+
+    fn centroid(&self, cell: usize) -> &[f32] {
+        &self.centroids[cell * self.dim..(cell + 1) * self.dim]
+    }
+
+    /// `|c_a − c_b|` for two (unit) centroids.
+    fn centroid_distance(&self, a: usize, b: usize) -> f32 {
+        let cos = kernels::dot(self.centroid(a), self.centroid(b));
+        (2.0 - 2.0 * cos).max(0.0).sqrt()
     }
 
     /// Cells with their centroid's score for `v`, best first.
@@ -285,26 +386,23 @@ impl Index {
         if self.centroids.is_empty() {
             return vec![(1.0, 0)];
         }
-        let scores = kernels::dots(&self.centroids, v, self.dim);
-        let mut order: Vec<(f32, usize)> = scores.into_iter().zip(0..).collect();
-        order.sort_by(|a, b| b.0.total_cmp(&a.0));
-        order
+        nearest(&kernels::dots(&self.centroids, v, self.dim), usize::MAX)
     }
 
     /// Offers the entries of `cell` that pass `filter` to `top`; returns how many passed.
     fn scan(&self, cell: usize, q: &Quantized, filter: &Filter, top: &mut TopK) -> usize {
-        let c = &self.cells[cell];
         let mut passed = 0;
-        let pass = |i: usize| {
-            filter.kind.is_none_or(|k| c.kinds[i] == k)
-                && filter.ids.is_none_or(|ids| ids.contains(&c.ids[i]))
-        };
-        let unfiltered = filter.kind.is_none() && filter.ids.is_none();
-        let pass: Option<&dyn Fn(usize) -> bool> = if unfiltered { None } else { Some(&pass) };
-        kernels::scan(c, pass, q, self.dim, |i, cos| {
-            passed += 1;
-            top.offer(cos, c.ids[i])
-        });
+        for (kind, group) in self.cells[cell].groups.iter().enumerate() {
+            if filter.kind.is_some_and(|k| k as usize != kind) {
+                continue;
+            }
+            let in_ids = |i: usize| filter.ids.is_none_or(|ids| ids.contains(&group.ids[i]));
+            let pass: Option<&dyn Fn(usize) -> bool> = filter.ids.map(|_| &in_ids as _);
+            kernels::scan(group, pass, q, self.dim, |i, cos| {
+                passed += 1;
+                top.offer(cos, group.ids[i])
+            });
+        }
         passed
     }
 
@@ -328,15 +426,16 @@ impl Index {
         // Every entry, dequantized (the int8 error is far below what moves a centroid).
         let mut points: Vec<f32> = Vec::with_capacity(n * dim);
         let mut owners: Vec<(i64, u32, f32)> = Vec::with_capacity(n);
+        let mut codes: Vec<i8> = Vec::with_capacity(n * dim);
         for cell in &self.cells {
-            for i in 0..cell.ids.len() {
-                let scale = cell.scales[i];
-                points.extend(
-                    cell.codes[i * dim..(i + 1) * dim]
-                        .iter()
-                        .map(|c| f32::from(*c) * scale),
-                );
-                owners.push((cell.ids[i], cell.kinds[i], scale));
+            for (kind, group) in cell.groups.iter().enumerate() {
+                for (i, &id) in group.ids.iter().enumerate() {
+                    let scale = group.scales[i];
+                    let code = &group.codes[i * dim..(i + 1) * dim];
+                    points.extend(code.iter().map(|c| f32::from(*c) * scale));
+                    codes.extend_from_slice(code);
+                    owners.push((id, kind as u32, scale));
+                }
             }
         }
         let sample_size = (cells * TRAIN_SAMPLE_PER_CELL).min(n);
@@ -349,40 +448,49 @@ impl Index {
             .collect();
         let centroids = kmeans(&sample, dim, cells, TRAIN_ITERATIONS, &mut rng);
         let assignment = kernels::assign_all(&centroids, &points, dim);
+        drop(points);
 
         let mut fresh = Index::new(dim, centroids, n);
         fresh.kinds = std::mem::take(&mut self.kinds);
         let mut moves = Vec::with_capacity(n);
-        for (&(id, kind, scale), &(cell, cos)) in owners.iter().zip(&assignment) {
-            let code = self.code_of(id).to_vec();
-            let centroid = &fresh.centroids[cell * dim..(cell + 1) * dim];
-            let target = &mut fresh.cells[cell];
-            target.push(id, kind, &Quantized { scale, code }, cos, Some(centroid));
-            fresh
-                .place
-                .insert(id, (cell as u32, (target.ids.len() - 1) as u32));
+        for ((&(id, kind, scale), &(cell, cos)), code) in
+            owners.iter().zip(&assignment).zip(codes.chunks_exact(dim))
+        {
+            let q = Quantized {
+                scale,
+                code: code.to_vec(),
+            };
+            fresh.insert_as(id, kind, cell, &q, Some(cos));
             moves.push((id, cell as u32));
         }
         *self = fresh;
         moves
     }
-
-    fn code_of(&self, id: i64) -> &[i8] {
-        let (cell, pos) = self.place[&id];
-        let c = &self.cells[cell as usize];
-        &c.codes[pos as usize * self.dim..(pos as usize + 1) * self.dim]
-    }
 }
 
-/// Bit i set where value i is ≥ 0 (a sign bit, or "is big" for `x² − τ`).
-fn sign_words(values: impl Iterator<Item = f32>, dim: usize) -> Vec<u64> {
-    let mut words = vec![0u64; dim.div_ceil(64)];
-    for (i, x) in values.enumerate() {
-        if x >= 0.0 {
-            words[i / 64] |= 1 << (i % 64);
-        }
+/// Bit i set where value i is ≥ 0.
+fn sign_words(values: &[f32]) -> Vec<u64> {
+    values
+        .chunks(64)
+        .map(|chunk| {
+            let mut word = 0u64;
+            for (bit, x) in chunk.iter().enumerate() {
+                word |= u64::from(*x >= 0.0) << bit;
+            }
+            word
+        })
+        .collect()
+}
+
+/// The `m` best (score, position) pairs of `scores`, best first.
+fn nearest(scores: &[f32], m: usize) -> Vec<(f32, usize)> {
+    let mut order: Vec<(f32, usize)> = scores.iter().copied().zip(0..).collect();
+    if m < order.len() {
+        order.select_nth_unstable_by(m, |a, b| b.0.total_cmp(&a.0));
+        order.truncate(m);
     }
-    words
+    order.sort_by(|a, b| b.0.total_cmp(&a.0));
+    order
 }
 
 fn argmax(scores: &[f32]) -> usize {
@@ -480,7 +588,7 @@ impl TopK {
 /// The arithmetic, compiled twice: for AVX2+FMA (chosen at run time where the CPU has them)
 /// and for the baseline target, so one binary runs anywhere and is fast where it can be.
 mod kernels {
-    use super::{Cell, Quantized};
+    use super::{Group, Quantized};
 
     #[inline(always)]
     pub fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
@@ -512,40 +620,80 @@ mod kernels {
 
     #[inline(always)]
     fn scan_generic(
-        cell: &Cell,
+        group: &Group,
         pass: Option<&dyn Fn(usize) -> bool>,
         q: &Quantized,
         dim: usize,
         f: &mut dyn FnMut(usize, f32),
     ) {
-        for (i, code) in cell.codes.chunks_exact(dim).enumerate() {
+        for (i, code) in group.codes.chunks_exact(dim).enumerate() {
             if pass.is_none_or(|pass| pass(i)) {
-                f(i, dot_i8(code, &q.code) as f32 * cell.scales[i] * q.scale);
+                f(i, dot_i8(code, &q.code) as f32 * group.scales[i] * q.scale);
             }
         }
     }
 
     #[inline(always)]
     fn dots_generic(rows: &[f32], v: &[f32], dim: usize) -> Vec<f32> {
-        rows.chunks_exact(dim).map(|r| dot_f32(r, v)).collect()
+        // A plain loop, not `map(..).collect()`: the collect's fold is a generic function of
+        // its own that is not inlined here, so under `dots_avx2` it ran without AVX2.
+        let mut out = Vec::with_capacity(rows.len() / dim.max(1));
+        for row in rows.chunks_exact(dim) {
+            out.push(dot_f32(row, v));
+        }
+        out
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn scan_avx2(
-        cell: &Cell,
+        group: &Group,
         pass: Option<&dyn Fn(usize) -> bool>,
         q: &Quantized,
         dim: usize,
         f: &mut dyn FnMut(usize, f32),
     ) {
-        scan_generic(cell, pass, q, dim, f)
+        scan_generic(group, pass, q, dim, f)
     }
 
+    /// Written with intrinsics: left to the compiler, the loop ran without AVX2 or kept its
+    /// accumulators on the stack.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn dots_avx2(rows: &[f32], v: &[f32], dim: usize) -> Vec<f32> {
-        dots_generic(rows, v, dim)
+        use std::arch::x86_64::*;
+        let v = &v[..dim];
+        let mut out = Vec::with_capacity(rows.len() / dim.max(1));
+        for row in rows.chunks_exact(dim) {
+            // Four named accumulators: as an array they were kept on the stack.
+            let (mut a0, mut a1, mut a2, mut a3) = (
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+            );
+            let mut i = 0;
+            while i + 32 <= dim {
+                // SAFETY: i + 32 ≤ dim, the length of both slices.
+                unsafe {
+                    let (r, w) = (row.as_ptr().add(i), v.as_ptr().add(i));
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r), _mm256_loadu_ps(w), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r.add(8)), _mm256_loadu_ps(w.add(8)), a1);
+                    a2 =
+                        _mm256_fmadd_ps(_mm256_loadu_ps(r.add(16)), _mm256_loadu_ps(w.add(16)), a2);
+                    a3 =
+                        _mm256_fmadd_ps(_mm256_loadu_ps(r.add(24)), _mm256_loadu_ps(w.add(24)), a3);
+                }
+                i += 32;
+            }
+            let sum = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` holds 8 floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+            let tail: f32 = row[i..].iter().zip(&v[i..]).map(|(x, y)| x * y).sum();
+            out.push(lanes.iter().sum::<f32>() + tail);
+        }
+        out
     }
 
     fn avx2() -> bool {
@@ -561,83 +709,190 @@ mod kernels {
         }
     }
 
-    /// What `Index::near` looks for in one cell.
+    /// What `Index::near` looks for in one cell: the new vector's residual `v − c`, as
+    /// its signs, and its squared coordinates sorted into bands (`BANDS` × their mean). A
+    /// member whose residual's signs differ at coordinate i contributes at least the
+    /// band's lower edge to `|u − v|²`, so `Σ mismatches × edge` is a lower bound on it.
     pub struct NearProbe {
-        pub kind: u32,
-        /// Signs of the residual of the new vector, and where its square is ≥ `tau`.
-        pub signs: Vec<u64>,
-        pub big: Vec<u64>,
-        pub tau: f32,
-        pub radius: f32,
-        pub half_steps: f32,
-        pub min_cos: f32,
+        signs: Vec<u64>,
+        /// `words` u64s per band, heaviest band first: the coordinates in the band.
+        bands: Vec<u64>,
+        /// The lower edge of each band.
+        edges: Vec<f32>,
+        radius: f32,
+        half_steps: f32,
+        /// The int8 cosine a member needs to be reported (the threshold less int8 error).
+        min_cos: f32,
+    }
+
+    impl NearProbe {
+        pub fn new(
+            v: &[f32],
+            centroid: Option<&[f32]>,
+            radius: f32,
+            half_steps: f32,
+            min_cos: f32,
+        ) -> NearProbe {
+            let mut residual = v.to_vec();
+            if let Some(centroid) = centroid {
+                residual.iter_mut().zip(centroid).for_each(|(r, c)| *r -= c);
+            }
+            let signs = super::sign_words(&residual);
+            residual.iter_mut().for_each(|x| *x *= *x);
+            let mean = residual.iter().sum::<f32>() / residual.len().max(1) as f32;
+            let edges: Vec<f32> = super::BANDS.iter().map(|b| b * mean).collect();
+            let words = residual.len().div_ceil(64);
+            // Each coordinate goes into the heaviest band whose edge it reaches; those below
+            // every edge into one more that is dropped. Branch-free: which band a coordinate
+            // falls in is as good as random.
+            let mut bands = vec![0u64; (edges.len() + 1) * words];
+            for (i, x) in residual.iter().enumerate() {
+                let band: usize = edges.iter().map(|edge| usize::from(x < edge)).sum();
+                bands[band * words + i / 64] |= 1 << (i % 64);
+            }
+            bands.truncate(edges.len() * words);
+            NearProbe {
+                signs,
+                bands,
+                edges,
+                radius,
+                half_steps,
+                min_cos: min_cos - 0.02,
+            }
+        }
     }
 
     #[inline(always)]
     fn near_generic(
-        cell: &Cell,
+        group: &Group,
+        p: &NearProbe,
+        q: &Quantized,
+        dim: usize,
+        found: &mut Vec<(f32, i64)>,
+    ) {
+        let words = dim.div_ceil(64);
+        // Fixed-size arrays for the common dimensions: the same loops over slices, even of
+        // a length known at compile time, made inserts ~15 % slower at 384 dims.
+        match words {
+            6 => near_words::<6>(group, p, q, dim, found),
+            12 => near_words::<12>(group, p, q, dim, found),
+            16 => near_words::<16>(group, p, q, dim, found),
+            24 => near_words::<24>(group, p, q, dim, found),
+            _ => near_any(group, p, q, dim, words, found),
+        }
+    }
+
+    /// The members of `group` whose band bound leaves room for a near-duplicate, scored.
+    #[inline(always)]
+    fn near_words<const W: usize>(
+        group: &Group,
+        p: &NearProbe,
+        q: &Quantized,
+        dim: usize,
+        found: &mut Vec<(f32, i64)>,
+    ) {
+        let mut signs = [0u64; W];
+        signs.copy_from_slice(&p.signs[..W]);
+        for (i, member) in group.signs.chunks_exact(W).enumerate() {
+            let mut differ = [0u64; W];
+            for w in 0..W {
+                differ[w] = member[w] ^ signs[w];
+            }
+            let reach = p.radius + p.half_steps * group.scales[i];
+            let reach2 = reach * reach;
+            // A lower bound on |u − v|² (see `NearProbe`). Every band is counted: stopping
+            // early cost more in mispredicted branches than the popcounts it saved.
+            let mut bound = 0f32;
+            for (band, edge) in p.bands.chunks_exact(W).zip(&p.edges) {
+                let mut count = 0;
+                for w in 0..W {
+                    count += (differ[w] & band[w]).count_ones();
+                }
+                bound += count as f32 * edge;
+            }
+            if bound <= reach2 {
+                check(group, i, p, q, dim, found);
+            }
+        }
+    }
+
+    /// `near_words` for any number of words.
+    #[inline(always)]
+    fn near_any(
+        group: &Group,
         p: &NearProbe,
         q: &Quantized,
         dim: usize,
         words: usize,
         found: &mut Vec<(f32, i64)>,
     ) {
-        for i in 0..cell.ids.len() {
-            if cell.kinds[i] != p.kind {
-                continue;
+        for (i, member) in group.signs.chunks_exact(words).enumerate() {
+            let reach = p.radius + p.half_steps * group.scales[i];
+            let reach2 = reach * reach;
+            let mut bound = 0f32;
+            for (band, edge) in p.bands.chunks_exact(words).zip(&p.edges) {
+                let count: u32 = member
+                    .iter()
+                    .zip(&p.signs)
+                    .zip(band)
+                    .map(|((m, s), b)| ((m ^ s) & b).count_ones())
+                    .sum();
+                bound += count as f32 * edge;
             }
-            let member = &cell.signs[i * words..(i + 1) * words];
-            let differ: u32 = member
-                .iter()
-                .zip(&p.signs)
-                .zip(&p.big)
-                .map(|((m, s), b)| ((m ^ s) & b).count_ones())
-                .sum();
-            let reach = p.radius + p.half_steps * cell.scales[i];
-            if p.tau > 0.0 && differ as f32 * p.tau > reach * reach {
-                continue;
+            if bound <= reach2 {
+                check(group, i, p, q, dim, found);
             }
-            let code = &cell.codes[i * dim..(i + 1) * dim];
-            let cos = dot_i8(code, &q.code) as f32 * cell.scales[i] * q.scale;
-            if cos >= p.min_cos {
-                found.push((cos, cell.ids[i]));
-            }
+        }
+    }
+
+    /// Scores member `i` on its int8 copy; a possible near-duplicate goes to `found`.
+    #[inline(always)]
+    fn check(
+        group: &Group,
+        i: usize,
+        p: &NearProbe,
+        q: &Quantized,
+        dim: usize,
+        found: &mut Vec<(f32, i64)>,
+    ) {
+        let code = &group.codes[i * dim..(i + 1) * dim];
+        let cos = dot_i8(code, &q.code) as f32 * group.scales[i] * q.scale;
+        if cos >= p.min_cos {
+            found.push((cos, group.ids[i]));
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,popcnt")]
     unsafe fn near_avx2(
-        cell: &Cell,
+        group: &Group,
         p: &NearProbe,
         q: &Quantized,
         dim: usize,
-        words: usize,
         found: &mut Vec<(f32, i64)>,
     ) {
-        near_generic(cell, p, q, dim, words, found)
+        near_generic(group, p, q, dim, found)
     }
 
-    /// Pushes the members of `cell` that may be near-duplicates (see `Index::near`).
+    /// Pushes the members of `group` that may be near-duplicates (see `Index::near`).
     pub fn near(
-        cell: &Cell,
+        group: &Group,
         p: &NearProbe,
         q: &Quantized,
         dim: usize,
-        words: usize,
         found: &mut Vec<(f32, i64)>,
     ) {
         #[cfg(target_arch = "x86_64")]
         if avx2() {
             // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { near_avx2(cell, p, q, dim, words, found) };
+            return unsafe { near_avx2(group, p, q, dim, found) };
         }
-        near_generic(cell, p, q, dim, words, found)
+        near_generic(group, p, q, dim, found)
     }
 
-    /// Calls `f(entry, approximate cosine)` for every entry of `cell` that passes `pass`.
+    /// Calls `f(entry, approximate cosine)` for every entry of `group` that passes `pass`.
     pub fn scan(
-        cell: &Cell,
+        group: &Group,
         pass: Option<&dyn Fn(usize) -> bool>,
         q: &Quantized,
         dim: usize,
@@ -646,9 +901,14 @@ mod kernels {
         #[cfg(target_arch = "x86_64")]
         if avx2() {
             // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { scan_avx2(cell, pass, q, dim, &mut f) };
+            return unsafe { scan_avx2(group, pass, q, dim, &mut f) };
         }
-        scan_generic(cell, pass, q, dim, &mut f)
+        scan_generic(group, pass, q, dim, &mut f)
+    }
+
+    /// `a · b`.
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        dots(a, b, a.len())[0]
     }
 
     /// `v` dotted with each `dim`-long row of `rows`.
@@ -702,8 +962,8 @@ mod tests {
         let mut index = Index::new(dim, Vec::new(), 0);
         for (i, v) in vectors.iter().enumerate() {
             let kind = if i % 5 == 0 { "fact" } else { "task_summary" };
-            let (cell, cos) = index.assign(v);
-            index.insert(i as i64, kind, cell, &quantize(v), Some(cos));
+            let placed = index.place(v);
+            index.insert(i as i64, kind, placed.cell, &placed.q, Some(placed.cos));
         }
         let no_filter = Filter {
             kind: None,
@@ -739,22 +999,92 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(2);
         let dim = 32;
         let vectors: Vec<Vec<f32>> = (0..10).map(|_| unit(&mut rng, dim)).collect();
+        let kind = |i: usize| if i % 3 == 0 { "note" } else { "fact" };
         let mut index = Index::new(dim, Vec::new(), 0);
         for (i, v) in vectors.iter().enumerate() {
-            index.insert(i as i64, "fact", 0, &quantize(v), None);
+            index.insert(i as i64, kind(i), 0, &quantize(v), None);
         }
-        assert!(index.remove(3));
-        assert!(!index.remove(3));
-        assert_eq!(index.len(), 9);
-        let filter = Filter {
+        // 3 is a note in the middle of its group, 4 a fact: the last of each group moves.
+        for gone in [3, 4] {
+            assert!(index.remove(gone));
+            assert!(!index.remove(gone));
+        }
+        assert_eq!(index.len(), 8);
+        let all = Filter {
             kind: None,
             ids: None,
         };
-        for (i, v) in vectors.iter().enumerate().filter(|(i, _)| *i != 3) {
-            assert_eq!(index.search(v, 1, &filter)[0].1, i as i64);
+        let notes = Filter {
+            kind: index.kind_id("note"),
+            ids: None,
+        };
+        let kept = |i: &usize| *i != 3 && *i != 4;
+        for (i, v) in vectors.iter().enumerate().filter(|(i, _)| kept(i)) {
+            assert_eq!(index.search(v, 1, &all)[0].1, i as i64);
+            let best_note = index.search(v, 1, &notes)[0].1;
+            assert_eq!(best_note % 3, 0, "{best_note} is not a note");
         }
-        assert!(index.near(&vectors[3], "fact", 0.97).is_empty());
-        assert_eq!(index.near(&vectors[9], "fact", 0.97)[0].1, 9);
-        assert!(index.near(&vectors[9], "other", 0.97).is_empty());
+        let near = |v: &[f32], kind: &str| index.near(v, &index.place(v), kind, 0.97);
+        assert!(near(&vectors[3], "note").is_empty());
+        assert!(near(&vectors[4], "fact").is_empty());
+        assert_eq!(near(&vectors[9], "note")[0].1, 9);
+        assert_eq!(near(&vectors[8], "fact")[0].1, 8);
+        assert!(near(&vectors[9], "fact").is_empty());
+        assert!(near(&vectors[9], "other").is_empty());
+    }
+
+    /// A unit vector at cosine `cos` with the unit vector `u`, in a random direction.
+    fn at_cosine(rng: &mut fastrand::Rng, u: &[f32], cos: f32) -> Vec<f32> {
+        let w = unit(rng, u.len());
+        let along: f32 = w.iter().zip(u).map(|(a, b)| a * b).sum();
+        let mut w: Vec<f32> = w.iter().zip(u).map(|(a, b)| a - along * b).collect();
+        super::super::embed::normalize(&mut w);
+        let sin = (1.0 - cos * cos).sqrt();
+        let mut v: Vec<f32> = u.iter().zip(&w).map(|(a, b)| cos * a + sin * b).collect();
+        super::super::embed::normalize(&mut v);
+        v
+    }
+
+    #[test]
+    fn near_duplicates_are_found_in_whichever_cell_they_sit() {
+        let mut rng = fastrand::Rng::with_seed(5);
+        let dim = 64;
+        // Clustered, so the cells have boundaries that near-duplicates straddle.
+        let centers: Vec<Vec<f32>> = (0..6).map(|_| unit(&mut rng, dim)).collect();
+        let vectors: Vec<Vec<f32>> = (0..3000)
+            .map(|i| {
+                let noise = unit(&mut rng, dim);
+                let mut v: Vec<f32> = centers[i % centers.len()]
+                    .iter()
+                    .zip(&noise)
+                    .map(|(c, n)| c + 0.8 * n)
+                    .collect();
+                super::super::embed::normalize(&mut v);
+                v
+            })
+            .collect();
+        let mut index = Index::new(dim, Vec::new(), 0);
+        for (i, v) in vectors.iter().enumerate() {
+            let placed = index.place(v);
+            index.insert(i as i64, "fact", placed.cell, &placed.q, Some(placed.cos));
+        }
+        index.train(11);
+        let mut elsewhere = 0;
+        for i in (0..vectors.len()).step_by(7) {
+            let cos = 0.971 + 0.028 * rng.f32();
+            let v = at_cosine(&mut rng, &vectors[i], cos);
+            let placed = index.place(&v);
+            if index.slots[&(i as i64)].cell as usize != placed.cell {
+                elsewhere += 1;
+            }
+            let found: Vec<i64> = index
+                .near(&v, &placed, "fact", 0.97)
+                .into_iter()
+                .map(|(_, id)| id)
+                .collect();
+            assert!(found.contains(&(i as i64)), "{i} was not found");
+        }
+        // The case the cell bound is for: the original is not in the new vector's cell.
+        assert!(elsewhere >= 10, "only {elsewhere} across a cell boundary");
     }
 }
