@@ -7,8 +7,8 @@ use serde_json::{json, Value as Json};
 
 use crate::llm::{ChatRequest, Message, Provider, Usage};
 use crate::memory::{
-    Added, Embedder, HashEmbedder, MemoryError, MemoryStore, NewMemory, OpenAiEmbedder, Provenance,
-    SearchOptions, ERROR_RESOLUTION, TASK_SUMMARY,
+    embed_all, Added, Embedder, HashEmbedder, MemoryError, MemoryStore, NewMemory, OpenAiEmbedder,
+    Provenance, SearchOptions, ERROR_RESOLUTION, TASK_SUMMARY,
 };
 use crate::workflow::Workflow;
 
@@ -141,16 +141,9 @@ impl RunMemory {
     }
 
     async fn embed(&self, text: &str) -> Result<Vec<f32>, MemoryError> {
-        let texts = [text.to_string()];
-        let mut vectors = self.embedder.embed(&texts).await?;
-        match (vectors.pop(), vectors.is_empty()) {
-            (Some(vector), true) => Ok(vector),
-            (got, _) => Err(MemoryError::EmbeddingCount {
-                embedder: self.embedder.id(),
-                got: vectors.len() + usize::from(got.is_some()),
-                expected: 1,
-            }),
-        }
+        let mut vectors = embed_all(self.embedder.as_ref(), &[text.to_string()]).await?;
+        // One text, one vector: `embed_all` checked the count.
+        Ok(vectors.pop().unwrap_or_default())
     }
 
     /// Stores one memory with this run as its provenance.

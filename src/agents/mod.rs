@@ -588,14 +588,7 @@ impl ToolEnv {
 /// Calls one tool and returns its result.
 pub async fn invoke(env: &ToolEnv, name: &str, args: &Json) -> Result<Json, String> {
     match env.tools.get(name) {
-        None => {
-            let mut names: Vec<&str> = env.tools.keys().map(String::as_str).collect();
-            names.sort_unstable();
-            Err(format!(
-                "unknown tool `{name}`; available: {}",
-                names.join(", ")
-            ))
-        }
+        None => Err(unknown_tool(env, name)),
         Some(AgentTool::Builtin) => {
             let (name, args) = (name.to_string(), args.clone());
             let cx = ToolContext {
@@ -615,6 +608,12 @@ pub async fn invoke(env: &ToolEnv, name: &str, args: &Json) -> Result<Json, Stri
             run_script_tool(env, name, path, params, args).await
         }
     }
+}
+
+fn unknown_tool(env: &ToolEnv, name: &str) -> String {
+    let mut names: Vec<&str> = env.tools.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    format!("unknown tool `{name}`; available: {}", names.join(", "))
 }
 
 /// Runs one tool call for the model: failures go back as text so it can correct itself.
@@ -1201,14 +1200,7 @@ pub fn rhai_host(
     crate::scripting::Host {
         call_tool: Arc::new(
             move |name, args| match (call_env.tools.get(name), &handle) {
-                (None, _) => {
-                    let mut names: Vec<&str> = call_env.tools.keys().map(String::as_str).collect();
-                    names.sort_unstable();
-                    Err(format!(
-                        "unknown tool `{name}`; available: {}",
-                        names.join(", ")
-                    ))
-                }
+                (None, _) => Err(unknown_tool(&call_env, name)),
                 (Some(AgentTool::Builtin), _) => {
                     let cx = ToolContext {
                         workspace: call_env.workspace.clone(),

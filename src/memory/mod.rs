@@ -58,7 +58,7 @@ mod index;
 mod store;
 
 pub use embed::{Embedder, HashEmbedder, OpenAiEmbedder, DEFAULT_DIM};
-pub use store::MemoryStore;
+pub use store::{embed_all, MemoryStore};
 
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 

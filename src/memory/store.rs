@@ -819,7 +819,8 @@ fn check_vector(embedder: &dyn Embedder, vector: &[f32]) -> Result<(), MemoryErr
     Ok(())
 }
 
-async fn embed_all(
+/// One vector per text, or an error naming the embedder when it gave another count.
+pub async fn embed_all(
     embedder: &dyn Embedder,
     texts: &[String],
 ) -> Result<Vec<Vec<f32>>, MemoryError> {

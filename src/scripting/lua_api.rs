@@ -71,25 +71,24 @@ impl ScriptContext {
     /// A context that reaches nothing: what an idle warm VM holds between calls.
     fn inert() -> Arc<ScriptContext> {
         static INERT: OnceLock<Arc<ScriptContext>> = OnceLock::new();
-        Arc::clone(INERT.get_or_init(|| Arc::new(ScriptContext::nothing())))
-    }
-
-    fn nothing() -> ScriptContext {
-        let nothing = || "no run is in progress".to_string();
-        ScriptContext {
-            task: Json::Null,
-            provider: None,
-            model: String::new(),
-            agent: String::new(),
-            call_tool: Arc::new(move |_, _| Box::pin(async move { Err(nothing()) })),
-            tools: Arc::new([]),
-            scratch_get: Arc::new(move |_| Err(nothing())),
-            scratch_set: Arc::new(move |_, _| Err(nothing())),
-            render: Arc::new(move |_, _| Err(nothing())),
-            log: Arc::new(|_| {}),
-            usage: Arc::default(),
-            memory: None,
-        }
+        let inert = INERT.get_or_init(|| {
+            let nothing = || "no run is in progress".to_string();
+            Arc::new(ScriptContext {
+                task: Json::Null,
+                provider: None,
+                model: String::new(),
+                agent: String::new(),
+                call_tool: Arc::new(move |_, _| Box::pin(async move { Err(nothing()) })),
+                tools: Arc::new([]),
+                scratch_get: Arc::new(move |_| Err(nothing())),
+                scratch_set: Arc::new(move |_, _| Err(nothing())),
+                render: Arc::new(move |_, _| Err(nothing())),
+                log: Arc::new(|_| {}),
+                usage: Arc::default(),
+                memory: None,
+            })
+        });
+        Arc::clone(inert)
     }
 }
 
